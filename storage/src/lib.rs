@@ -1,0 +1,101 @@
+//! keel-storage: the Raft log and the replicated state machine on RocksDB.
+//!
+//! This crate owns everything keel keeps on disk: the log (`log_store`), the
+//! state machine (`state_machine`, whose logic is the pure functions in
+//! `model`), and snapshots (`snapshot`). It knows nothing of HTTP, JSON APIs
+//! or the network: it is driven by openraft and read by the API layer through
+//! [`StateReader`].
+//!
+//! Data directory layout:
+//! - `log/`: RocksDB with the Raft log, vote, purge marker and cluster name;
+//! - `sm/CURRENT` and `sm/gen-<n>/`: the state machine generations;
+//! - `snapshots/`: the newest snapshot file and `incoming/` transfers.
+
+pub mod codec;
+pub mod fsutil;
+pub mod hooks;
+pub mod log_store;
+pub mod model;
+pub mod snapshot;
+pub mod state_machine;
+pub mod types;
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use hooks::NoHooks;
+pub use hooks::StorageHooks;
+pub use log_store::LogStore;
+pub use snapshot::SnapshotFile;
+pub use state_machine::StateHash;
+pub use state_machine::StateMachineStore;
+pub use state_machine::StateReader;
+pub use types::KeelNode;
+pub use types::NodeId;
+pub use types::TypeConfig;
+
+/// Errors opening a data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The data directory was created by another cluster.
+    #[error(
+        "data directory {dir} belongs to cluster {found:?}, but this node is configured for cluster {expected:?}; \
+         point it at an empty data directory or fix `cluster_name`"
+    )]
+    ClusterMismatch {
+        /// The data directory.
+        dir: String,
+        /// The cluster name recorded in it.
+        found: String,
+        /// The configured cluster name.
+        expected: String,
+    },
+    /// An I/O or RocksDB failure.
+    #[error("opening data directory {dir}: {source}")]
+    Io {
+        /// The data directory.
+        dir: String,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+/// The stores of one node.
+pub struct Storage {
+    /// The Raft log.
+    pub log: LogStore,
+    /// The state machine.
+    pub state_machine: StateMachineStore,
+    /// Read access to the applied state.
+    pub reader: StateReader,
+}
+
+/// Opens (creating if needed, with mode 0700) the data directory of a node of
+/// cluster `cluster_name`. Refuses a directory recorded for another cluster.
+pub async fn open(data_dir: &Path, cluster_name: &str, hooks: Arc<dyn StorageHooks>) -> Result<Storage, OpenError> {
+    let io_err = |source| OpenError::Io {
+        dir: data_dir.display().to_string(),
+        source,
+    };
+    fsutil::create_private_dir(data_dir).map_err(io_err)?;
+    let log = LogStore::open(&data_dir.join("log"), hooks.clone()).map_err(io_err)?;
+    match log.cluster_name().map_err(io_err)? {
+        Some(found) if found != cluster_name => {
+            return Err(OpenError::ClusterMismatch {
+                dir: data_dir.display().to_string(),
+                found,
+                expected: cluster_name.to_string(),
+            });
+        }
+        Some(_) => {}
+        None => log.set_cluster_name(cluster_name).await.map_err(io_err)?,
+    }
+    let state_machine = StateMachineStore::open(data_dir, cluster_name, hooks).map_err(io_err)?;
+    let reader = state_machine.reader();
+    Ok(Storage {
+        log,
+        state_machine,
+        reader,
+    })
+}

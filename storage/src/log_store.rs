@@ -1,0 +1,262 @@
+//! The Raft log on RocksDB.
+//!
+//! Durability contract with openraft: `save_vote`, `truncate_after` and `purge`
+//! return only after a synced write; `append` writes its entries before it
+//! returns (so they are readable) and reports them flushed only after an
+//! fsync of the WAL. Appends are group-committed: a dedicated thread drains
+//! every pending flush request and covers them all with one `flush_wal(true)`.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::Bound;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use openraft::LogState;
+use openraft::OptionalSend;
+use openraft::RaftLogReader;
+use openraft::entry::RaftEntry;
+use openraft::storage::IOFlushed;
+use openraft::storage::RaftLogStorage;
+use rocksdb::ColumnFamily;
+use rocksdb::ColumnFamilyDescriptor;
+use rocksdb::DB;
+use rocksdb::Direction;
+use rocksdb::IteratorMode;
+use rocksdb::Options;
+use rocksdb::WriteBatch;
+use rocksdb::WriteOptions;
+
+use crate::codec::db_err;
+use crate::codec::decode;
+use crate::codec::encode;
+use crate::codec::index_key;
+use crate::codec::key_index;
+use crate::hooks::StorageHooks;
+use crate::types::Entry;
+use crate::types::LogId;
+use crate::types::TypeConfig;
+use crate::types::Vote;
+
+const CF_LOGS: &str = "logs";
+const CF_META: &str = "meta";
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_PURGED: &[u8] = b"last_purged";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_CLUSTER: &[u8] = b"cluster_name";
+
+/// The RocksDB-backed Raft log, cheap to clone (clones share one database).
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+    flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
+    hooks: Arc<dyn StorageHooks>,
+}
+
+impl LogStore {
+    /// Opens (creating if needed) the log database in `dir`.
+    pub fn open(dir: &Path, hooks: Arc<dyn StorageHooks>) -> io::Result<Self> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let cfs = [CF_LOGS, CF_META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs).map_err(db_err)?);
+        let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
+        let flush_db = db.clone();
+        let flush_hooks = hooks.clone();
+        std::thread::Builder::new()
+            .name("keel-log-fsync".into())
+            .spawn(move || group_commit(flush_db, rx, flush_hooks))?;
+        Ok(Self {
+            db,
+            flusher: tx,
+            hooks,
+        })
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
+        match self.db.get_cf(self.cf(CF_META), key).map_err(db_err)? {
+            None => Ok(None),
+            Some(bytes) => decode(&bytes, "log metadata").map(Some),
+        }
+    }
+
+    /// Writes `batch` with `sync = true` off the async thread: the data is on
+    /// disk when this returns.
+    async fn write_synced(&self, batch: WriteBatch) -> io::Result<()> {
+        let db = self.db.clone();
+        let hooks = self.hooks.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            let start = Instant::now();
+            let res = db.write_opt(batch, &wo).map_err(db_err);
+            hooks.fsync(start.elapsed());
+            res
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// The cluster name this data directory belongs to, if recorded.
+    pub fn cluster_name(&self) -> io::Result<Option<String>> {
+        self.get_meta(KEY_CLUSTER)
+    }
+
+    /// Records the cluster name durably (first start of a data directory).
+    pub async fn set_cluster_name(&self, name: &str) -> io::Result<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(CF_META), KEY_CLUSTER, encode(&name.to_string())?);
+        self.write_synced(b).await
+    }
+
+    /// Reads the stored vote without going through openraft (used at startup).
+    pub fn stored_vote(&self) -> io::Result<Option<Vote>> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    /// True when this log has never held a vote or an entry (a fresh node).
+    pub fn is_pristine(&self) -> io::Result<bool> {
+        let no_entry = self.db.iterator_cf(self.cf(CF_LOGS), IteratorMode::Start).next().is_none();
+        Ok(no_entry && self.stored_vote()?.is_none() && self.get_meta::<LogId>(KEY_PURGED)?.is_none())
+    }
+
+    fn read_range<RB: RangeBounds<u64>>(&self, range: RB) -> io::Result<Vec<Entry>> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => x.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let from = index_key(start);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_LOGS), IteratorMode::From(&from, Direction::Forward)) {
+            let (k, v) = item.map_err(db_err)?;
+            let index = key_index(&k)?;
+            if !range.contains(&index) {
+                break;
+            }
+            let entry: Entry = decode(&v, "log entry")?;
+            if entry.index() != index {
+                return Err(crate::codec::corrupt("log entry", "stored under the wrong index"));
+            }
+            if let Some(prev) = out.last().map(|e: &Entry| e.index())
+                && prev + 1 != index
+            {
+                return Err(crate::codec::corrupt("log", &format!("hole between {prev} and {index}")));
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+/// The group-commit loop: waits for a flush request, takes every other one
+/// queued behind it, fsyncs the WAL once, then completes them all.
+fn group_commit(db: Arc<DB>, rx: mpsc::Receiver<IOFlushed<TypeConfig>>, hooks: Arc<dyn StorageHooks>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        let start = Instant::now();
+        let res = db.flush_wal(true);
+        hooks.fsync(start.elapsed());
+        hooks.append_batch(batch.len());
+        for cb in batch {
+            cb.io_completed(res.clone().map_err(db_err));
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        self.read_range(range)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        self.get_meta(KEY_VOTE)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged_log_id: Option<LogId> = self.get_meta(KEY_PURGED)?;
+        let last = match self.db.iterator_cf(self.cf(CF_LOGS), IteratorMode::End).next() {
+            None => None,
+            Some(item) => {
+                let (_, v) = item.map_err(db_err)?;
+                Some(decode::<Entry>(&v, "log entry")?.log_id())
+            }
+        };
+        Ok(LogState {
+            last_log_id: last.or_else(|| last_purged_log_id.clone()),
+            last_purged_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(CF_META), KEY_VOTE, encode(vote)?);
+        self.write_synced(b).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // Not synced: losing it on a machine crash only means re-learning the
+        // commit index from the leader. It lets a restarted node re-apply what
+        // it knows to be committed without waiting for a leader.
+        let Some(c) = committed else { return Ok(()) };
+        self.db.put_cf(self.cf(CF_META), KEY_COMMITTED, encode(&c)?).map_err(db_err)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        self.get_meta(KEY_COMMITTED)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut b = WriteBatch::default();
+        for e in entries {
+            b.put_cf(self.cf(CF_LOGS), index_key(e.index()), encode(&e)?);
+        }
+        // Written (readable) now; durable once the group-commit thread has
+        // fsynced the WAL and completed the callback.
+        self.db.write(b).map_err(db_err)?;
+        self.flusher
+            .send(callback)
+            .map_err(|_| io::Error::other("log fsync thread has stopped"))
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(self.cf(CF_LOGS), index_key(from), index_key(u64::MAX));
+        b.delete_cf(self.cf(CF_LOGS), index_key(u64::MAX));
+        self.write_synced(b).await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        // The purge marker and the deletion go in one synced batch: after a
+        // crash either both happened or neither did.
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(CF_META), KEY_PURGED, encode(&log_id)?);
+        b.delete_range_cf(self.cf(CF_LOGS), index_key(0), index_key(log_id.index + 1));
+        self.write_synced(b).await
+    }
+}

@@ -1,0 +1,321 @@
+//! Snapshots: building one from a consistent RocksDB view, keeping the
+//! latest on disk, and installing a received one atomically.
+//!
+//! The file format (chunked LZ4 with CRC32) is in [`format`] and documented
+//! in `FORMAT.md` beside it. See `DESIGN.md` in this directory for the
+//! install protocol and why each step is ordered as it is.
+
+pub mod format;
+
+use std::fs;
+use std::io;
+use std::io::BufReader;
+use std::io::BufWriter;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use std::time::SystemTime;
+
+use openraft::RaftSnapshotBuilder;
+use rocksdb::IteratorMode;
+use rocksdb::WriteBatch;
+
+use crate::codec::db_err;
+use crate::codec::decode;
+use crate::codec::encode;
+use crate::fsutil;
+use crate::state_machine::CF_DATA;
+use crate::state_machine::CF_META;
+use crate::state_machine::KEY_APPLIED;
+use crate::state_machine::KEY_MEMBERSHIP;
+use crate::state_machine::Shared;
+use crate::types::LogId;
+use crate::types::SnapshotMeta;
+use crate::types::StoredMembership;
+use crate::types::TypeConfig;
+use format::SnapshotHeader;
+use format::SnapshotReader;
+use format::SnapshotWriter;
+
+/// A snapshot on disk: its path and an open handle (the handle stays valid
+/// even if a newer snapshot replaces the file while it is being sent).
+#[derive(Debug)]
+pub struct SnapshotFile {
+    /// Where the file lives.
+    pub path: PathBuf,
+    /// An open read handle.
+    pub file: fs::File,
+}
+
+impl SnapshotFile {
+    /// Opens the file at `path`.
+    pub fn open(path: PathBuf) -> io::Result<Self> {
+        let file = fs::File::open(&path)?;
+        Ok(Self { path, file })
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    /// True when the file is empty.
+    pub fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+fn snap_err(e: format::SnapshotError) -> io::Error {
+    match e {
+        format::SnapshotError::Io(e) => e,
+        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+    }
+}
+
+/// The directory of finished snapshots (`<index>-<term>.snap`, newest kept)
+/// and of transfers in progress (`incoming/`).
+pub(crate) struct SnapshotStore {
+    dir: PathBuf,
+    cluster_name: String,
+    seq: AtomicU64,
+}
+
+impl SnapshotStore {
+    pub(crate) fn open(dir: &Path, cluster_name: &str) -> io::Result<Self> {
+        fsutil::create_private_dir(dir)?;
+        fsutil::create_private_dir(&dir.join("incoming"))?;
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with("tmp-") {
+                fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            cluster_name: cluster_name.to_string(),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("tmp-{}-{n}", std::process::id()))
+    }
+
+    fn final_path(&self, meta: &SnapshotMeta) -> PathBuf {
+        let (index, term) = meta
+            .last_log_id
+            .as_ref()
+            .map(|l| (l.index, l.leader_id.term))
+            .unwrap_or_default();
+        self.dir.join(format!("{index:020}-{term:020}.snap"))
+    }
+
+    /// Paths of finished snapshots, oldest first.
+    fn finished(&self) -> io::Result<Vec<PathBuf>> {
+        let mut v: Vec<PathBuf> = fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Moves a complete, fsynced snapshot file into place and drops older ones.
+    fn publish(&self, from: &Path, meta: &SnapshotMeta) -> io::Result<PathBuf> {
+        let to = self.final_path(meta);
+        fs::File::open(from)?.sync_all()?;
+        fs::rename(from, &to)?;
+        fsutil::fsync_dir(&self.dir)?;
+        for old in self.finished()? {
+            if old < to {
+                fs::remove_file(old)?;
+            }
+        }
+        Ok(to)
+    }
+
+    /// The newest finished snapshot, if any.
+    pub(crate) fn current(&self) -> io::Result<Option<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>>> {
+        let Some(path) = self.finished()?.pop() else {
+            return Ok(None);
+        };
+        let file = SnapshotFile::open(path)?;
+        let reader = SnapshotReader::new(BufReader::new(file.file.try_clone()?)).map_err(snap_err)?;
+        let meta: SnapshotMeta = decode(&reader.header().meta, "snapshot meta")?;
+        Ok(Some(openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotFile> { meta, snapshot: file }))
+    }
+}
+
+/// Directory where a node receiving a snapshot writes it before install.
+pub fn incoming_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("snapshots").join("incoming")
+}
+
+/// Builds snapshots from a consistent RocksDB view; writes continue meanwhile.
+pub struct SnapshotBuilder {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>, io::Error> {
+        let shared = self.shared.clone();
+        let start = Instant::now();
+        let res = tokio::task::spawn_blocking(move || build(&shared))
+            .await
+            .map_err(io::Error::other)?;
+        let bytes = res.as_ref().ok().and_then(|s| s.snapshot.len().ok()).unwrap_or(0);
+        self.shared.hooks.snapshot_built(res.is_ok(), start.elapsed(), bytes);
+        if let Ok(s) = &res {
+            tracing::info!(last = ?s.meta.last_log_id, bytes, ms = start.elapsed().as_millis() as u64, "snapshot built");
+        }
+        res
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn header_for(cluster_name: &str, meta: &SnapshotMeta) -> io::Result<SnapshotHeader> {
+    let (last_index, last_term) = meta
+        .last_log_id
+        .as_ref()
+        .map(|l| (l.index, l.leader_id.term))
+        .unwrap_or_default();
+    Ok(SnapshotHeader {
+        cluster_id: cluster_name.to_string(),
+        meta: encode(meta)?,
+        last_index,
+        last_term,
+        created_unix_ms: now_ms(),
+    })
+}
+
+fn build(shared: &Shared) -> io::Result<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>> {
+    let db = shared.db();
+    // Everything applied so far becomes durable before the log may be purged.
+    db.flush_wal(true).map_err(db_err)?;
+    let view = db.snapshot();
+    let meta_cf = db.cf_handle(CF_META).expect("meta column family");
+    let last_log_id: Option<LogId> = match view.get_cf(meta_cf, KEY_APPLIED).map_err(db_err)? {
+        Some(b) => Some(decode(&b, "last_applied")?),
+        None => None,
+    };
+    let last_membership: StoredMembership = match view.get_cf(meta_cf, KEY_MEMBERSHIP).map_err(db_err)? {
+        Some(b) => decode(&b, "membership")?,
+        None => StoredMembership::default(),
+    };
+    let meta = SnapshotMeta {
+        last_log_id,
+        last_membership,
+    };
+    let store = &shared.snapshots;
+    let tmp = store.temp_path();
+    let out = BufWriter::new(fs::File::create(&tmp)?);
+    let mut w = SnapshotWriter::new(out, &header_for(&store.cluster_name, &meta)?).map_err(snap_err)?;
+    let data_cf = db.cf_handle(CF_DATA).expect("data column family");
+    for item in view.iterator_cf(data_cf, IteratorMode::Start) {
+        let (k, v) = item.map_err(db_err)?;
+        w.put(&k, &v).map_err(snap_err)?;
+    }
+    let (_, out) = w.finish().map_err(snap_err)?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let path = store.publish(&tmp, &meta)?;
+    Ok(openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotFile> {
+        meta,
+        snapshot: SnapshotFile::open(path)?,
+    })
+}
+
+/// Installs a received snapshot. Returns the new applied index, or `None`
+/// when the snapshot is not newer than the applied state (it is then left
+/// alone: `last_applied` never moves backwards).
+pub(crate) fn install(shared: &Shared, meta: &SnapshotMeta, snapshot: SnapshotFile) -> io::Result<Option<u64>> {
+    let applied = crate::state_machine::read_applied(&shared.db())?.0;
+    if meta.last_log_id <= applied {
+        tracing::warn!(snapshot = ?meta.last_log_id, ?applied, "refusing a snapshot that is not newer than the applied state");
+        return Ok(None);
+    }
+    // 1. Verify everything before changing anything.
+    let (header, summary) = format::verify_file(&snapshot.path).map_err(snap_err)?;
+    if header.cluster_id != shared.snapshots.cluster_name {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "snapshot belongs to cluster {:?}, this node to {:?}",
+                header.cluster_id, shared.snapshots.cluster_name
+            ),
+        ));
+    }
+    let file_meta: SnapshotMeta = decode(&header.meta, "snapshot meta")?;
+    if file_meta.last_log_id != meta.last_log_id {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "snapshot file does not match the metadata it was sent with",
+        ));
+    }
+    // 2. Build the next generation beside the live one.
+    let sm_dir = &shared.sm_dir;
+    let current = crate::state_machine::current_generation_of(sm_dir)?;
+    let next = current + 1;
+    let next_dir = crate::state_machine::generation_dir(sm_dir, next);
+    if next_dir.exists() {
+        fs::remove_dir_all(&next_dir)?;
+    }
+    {
+        let db = crate::state_machine::open_generation(&next_dir)?;
+        let data_cf = db.cf_handle(CF_DATA).expect("data column family");
+        let meta_cf = db.cf_handle(CF_META).expect("meta column family");
+        let mut reader = SnapshotReader::new(BufReader::new(fs::File::open(&snapshot.path)?)).map_err(snap_err)?;
+        let mut batch = WriteBatch::default();
+        while let Some((k, v)) = reader.next_record().map_err(snap_err)? {
+            batch.put_cf(data_cf, k, v);
+            if batch.size_in_bytes() > 4 << 20 {
+                db.write(std::mem::take(&mut batch)).map_err(db_err)?;
+            }
+        }
+        if let Some(l) = &meta.last_log_id {
+            batch.put_cf(meta_cf, KEY_APPLIED, encode(l)?);
+        }
+        batch.put_cf(meta_cf, KEY_MEMBERSHIP, encode(&meta.last_membership)?);
+        db.write(batch).map_err(db_err)?;
+        db.flush().map_err(db_err)?;
+        db.flush_wal(true).map_err(db_err)?;
+    }
+    fsutil::fsync_dir(sm_dir)?;
+    // 3. The switch: one atomic rename of CURRENT.
+    crate::state_machine::switch_generation(sm_dir, next)?;
+    let db = Arc::new(crate::state_machine::open_generation(&next_dir)?);
+    let old = std::mem::replace(&mut *shared.db.write().expect("state machine lock poisoned"), db);
+    // 4. Keep the installed file as our current snapshot.
+    shared.snapshots.publish(&snapshot.path, meta)?;
+    drop(snapshot);
+    retire(old, sm_dir.clone(), next);
+    tracing::info!(last = ?meta.last_log_id, records = summary.records, "snapshot installed");
+    Ok(meta.last_log_id.as_ref().map(|l| l.index))
+}
+
+/// Removes the replaced generation once no reader holds it any more.
+fn retire(old: Arc<rocksdb::DB>, sm_dir: PathBuf, keep: u64) {
+    std::thread::spawn(move || {
+        for _ in 0..600 {
+            if Arc::strong_count(&old) == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        drop(old);
+        if let Err(e) = crate::state_machine::remove_stale_generations(&sm_dir, keep) {
+            tracing::warn!(error = %e, "could not remove the replaced state machine generation");
+        }
+    });
+}
