@@ -1,0 +1,456 @@
+//! The sending side of the peer protocol: one multiplexed HTTP/2 connection
+//! per peer, reused by every RPC to it, with connect backoff.
+//!
+//! [`PeerPool`] owns the connections; [`NetworkFactory`] hands openraft a
+//! [`PeerNetwork`] per target that speaks through the pool.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use hyper::StatusCode;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
+use keel_storage::KeelNode;
+use keel_storage::NodeId;
+use keel_storage::SnapshotFile;
+use keel_storage::TypeConfig;
+use openraft::errors::NetworkError;
+use openraft::errors::RPCError;
+use openraft::errors::ReplicationClosed;
+use openraft::errors::StreamingError;
+use openraft::errors::Unreachable;
+use openraft::network::RPCOption;
+use openraft::network::RaftNetworkFactory;
+use openraft::network::v2::RaftNetworkV2;
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::AppendEntriesResponse;
+use openraft::raft::SnapshotResponse;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use crate::hooks::NetHooks;
+use crate::tls::Identity;
+use crate::wire;
+
+/// Body type of every outgoing peer request.
+pub type ReqBody = BoxBody<Bytes, io::Error>;
+
+/// Why a peer call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// No connection could be made (or we are backing off after failures).
+    #[error("peer {target} at {addr} unreachable: {why}")]
+    Unreachable {
+        /// The peer's node id.
+        target: NodeId,
+        /// Its address.
+        addr: String,
+        /// The cause.
+        why: String,
+    },
+    /// The call was sent but failed or timed out; it may have taken effect.
+    #[error("peer {target} call {path} failed: {why}")]
+    Failed {
+        /// The peer's node id.
+        target: NodeId,
+        /// The route.
+        path: &'static str,
+        /// The cause.
+        why: String,
+    },
+}
+
+impl PeerError {
+    fn into_rpc<E: std::error::Error>(self) -> RPCError<TypeConfig, E> {
+        match self {
+            PeerError::Unreachable { .. } => RPCError::Unreachable(Unreachable::from_string(self.to_string())),
+            PeerError::Failed { .. } => RPCError::Network(NetworkError::from_string(self.to_string())),
+        }
+    }
+
+    fn into_streaming(self) -> StreamingError<TypeConfig> {
+        match self {
+            PeerError::Unreachable { .. } => StreamingError::Unreachable(Unreachable::from_string(self.to_string())),
+            PeerError::Failed { .. } => StreamingError::Network(NetworkError::from_string(self.to_string())),
+        }
+    }
+}
+
+/// One peer's connection slot.
+#[derive(Default)]
+struct Slot {
+    sender: Option<SendRequest<ReqBody>>,
+    /// Consecutive connect failures, for backoff.
+    failures: u32,
+    /// No new connect attempt before this instant.
+    retry_at: Option<Instant>,
+}
+
+/// Longest wait between connect attempts to an unreachable peer.
+const MAX_BACKOFF: Duration = Duration::from_millis(1000);
+/// Longest wait for a TCP connect plus TLS handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Connections to every peer, shared by all Raft replication streams and by
+/// request forwarding.
+#[derive(Clone)]
+pub struct PeerPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    self_id: NodeId,
+    cluster: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    slots: std::sync::Mutex<HashMap<NodeId, Arc<Mutex<Slot>>>>,
+    hooks: Arc<dyn NetHooks>,
+}
+
+impl PeerPool {
+    /// A pool for node `self_id` of `cluster`; `tls` is `None` only in
+    /// insecure mode.
+    pub fn new(self_id: NodeId, cluster: &str, tls: Option<Arc<rustls::ClientConfig>>, hooks: Arc<dyn NetHooks>) -> Self {
+        Self {
+            inner: Arc::new(PoolInner {
+                self_id,
+                cluster: cluster.to_string(),
+                tls,
+                slots: Default::default(),
+                hooks,
+            }),
+        }
+    }
+
+    fn slot(&self, target: NodeId) -> Arc<Mutex<Slot>> {
+        self.inner.slots.lock().expect("pool lock poisoned").entry(target).or_default().clone()
+    }
+
+    /// Drops the connection to `target` (e.g. after its address changed).
+    pub fn forget(&self, target: NodeId) {
+        self.inner.slots.lock().expect("pool lock poisoned").remove(&target);
+    }
+
+    async fn sender(&self, target: NodeId, addr: &str) -> Result<SendRequest<ReqBody>, PeerError> {
+        let slot = self.slot(target);
+        let mut slot = slot.lock().await;
+        if let Some(s) = &slot.sender
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        slot.sender = None;
+        if let Some(at) = slot.retry_at
+            && Instant::now() < at
+        {
+            return Err(PeerError::Unreachable {
+                target,
+                addr: addr.to_string(),
+                why: format!("backing off after {} failed connects", slot.failures),
+            });
+        }
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.connect(target, addr)).await {
+            Ok(Ok(s)) => {
+                slot.failures = 0;
+                slot.retry_at = None;
+                slot.sender = Some(s.clone());
+                Ok(s)
+            }
+            res => {
+                let why = match res {
+                    Ok(Err(e)) => e,
+                    _ => "connect timed out".to_string(),
+                };
+                slot.failures = slot.failures.saturating_add(1);
+                let backoff = Duration::from_millis(25u64 << slot.failures.min(6)).min(MAX_BACKOFF);
+                slot.retry_at = Some(Instant::now() + backoff);
+                Err(PeerError::Unreachable {
+                    target,
+                    addr: addr.to_string(),
+                    why,
+                })
+            }
+        }
+    }
+
+    async fn connect(&self, target: NodeId, addr: &str) -> Result<SendRequest<ReqBody>, String> {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let mut h2 = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(5)))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20);
+        let sender = match &self.inner.tls {
+            Some(cfg) => {
+                let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+                let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                // The certificate must be the node we meant to reach, not
+                // merely some member of the cluster.
+                match crate::tls::server_identity(tls.get_ref().1) {
+                    Some(Identity::Node(id)) if id == target => {}
+                    other => {
+                        return Err(format!("expected the certificate of node {target}, got {other:?}"));
+                    }
+                }
+                let (sender, conn) = h2.handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+                tokio::spawn(conn);
+                sender
+            }
+            None => {
+                let (sender, conn) = h2.handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+                tokio::spawn(conn);
+                sender
+            }
+        };
+        Ok(sender)
+    }
+
+    /// Sends one request to `target` and returns status and body.
+    pub async fn call_raw(
+        &self,
+        target: NodeId,
+        addr: &str,
+        path: &'static str,
+        body: ReqBody,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), PeerError> {
+        let start = Instant::now();
+        let mut sender = self.sender(target, addr).await?;
+        let failed = |why: String| PeerError::Failed { target, path, why };
+        let req = hyper::Request::post(format!("http://{addr}{path}"))
+            .header(hyper::header::CONTENT_TYPE, wire::CONTENT_TYPE)
+            .header(wire::HDR_CLUSTER, &self.inner.cluster)
+            .header(wire::HDR_FROM, self.inner.self_id.to_string())
+            .body(body)
+            .map_err(|e| failed(e.to_string()))?;
+        let work = async {
+            let resp = sender.send_request(req).await.map_err(|e| failed(e.to_string()))?;
+            let status = resp.status();
+            let body = http_body_util::Limited::new(resp.into_body(), wire::MAX_MESSAGE)
+                .collect()
+                .await
+                .map_err(|e| failed(e.to_string()))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        let res = match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(failed(format!("no answer within {timeout:?}"))),
+        };
+        self.inner.hooks.rpc(path, target, start.elapsed(), res.is_ok());
+        res
+    }
+
+    /// Sends a bincode message and decodes the bincode answer.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        target: NodeId,
+        addr: &str,
+        path: &'static str,
+        msg: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
+        let bytes = wire::encode(msg).map_err(|e| PeerError::Failed {
+            target,
+            path,
+            why: e.to_string(),
+        })?;
+        let (status, body) = self.call_raw(target, addr, path, full(bytes), timeout).await?;
+        if status != StatusCode::OK {
+            return Err(PeerError::Failed {
+                target,
+                path,
+                why: format!("{status}: {}", String::from_utf8_lossy(&body)),
+            });
+        }
+        wire::decode(&body).map_err(|e| PeerError::Failed {
+            target,
+            path,
+            why: e.to_string(),
+        })
+    }
+}
+
+/// A complete request body.
+pub fn full(bytes: Vec<u8>) -> ReqBody {
+    Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed()
+}
+
+/// Hands openraft one [`PeerNetwork`] per target.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    pool: PeerPool,
+}
+
+impl NetworkFactory {
+    /// A factory speaking through `pool`.
+    pub fn new(pool: PeerPool) -> Self {
+        Self { pool }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &KeelNode) -> PeerNetwork {
+        PeerNetwork {
+            pool: self.pool.clone(),
+            target,
+            addr: node.raft_addr.clone(),
+        }
+    }
+}
+
+/// openraft's view of one peer.
+pub struct PeerNetwork {
+    pool: PeerPool,
+    target: NodeId,
+    addr: String,
+}
+
+impl PeerNetwork {
+    async fn rpc<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &'static str,
+        msg: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, PeerError> {
+        self.pool.call(self.target, &self.addr, path, msg, option.hard_ttl()).await
+    }
+}
+
+/// Chunk size used to stream a snapshot file.
+const SNAPSHOT_CHUNK: usize = 256 << 10;
+
+impl RaftNetworkV2<TypeConfig> for PeerNetwork {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(wire::PATH_APPEND, &rpc, &option).await.map_err(PeerError::into_rpc)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(wire::PATH_VOTE, &rpc, &option).await.map_err(PeerError::into_rpc)
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(wire::PATH_PRE_VOTE, &rpc, &option).await.map_err(PeerError::into_rpc)
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(wire::PATH_TRANSFER_LEADER, &req, &option).await.map_err(PeerError::into_rpc)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: keel_storage::types::Vote,
+        snapshot: openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let io_err = |e: io::Error| StreamingError::Network(NetworkError::from_string(e.to_string()));
+        let len = snapshot.snapshot.len().map_err(io_err)?;
+        let envelope = wire::encode(&wire::SnapshotEnvelope {
+            vote,
+            meta: snapshot.meta.clone(),
+            len,
+        })
+        .map_err(io_err)?;
+        let file = tokio::fs::File::from_std(snapshot.snapshot.file.try_clone().map_err(io_err)?);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, io::Error>>(4);
+        // The producer reads one chunk at a time: memory stays bounded by the
+        // channel depth times the chunk size, whatever the snapshot's size.
+        let producer = tokio::spawn(async move {
+            let mut head = Vec::with_capacity(envelope.len() + 4);
+            head.extend_from_slice(&(envelope.len() as u32).to_le_bytes());
+            head.extend_from_slice(&envelope);
+            if tx.send(Ok(hyper::body::Frame::data(Bytes::from(head)))).await.is_err() {
+                return;
+            }
+            let mut file = file;
+            loop {
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+                match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.send(Ok(hyper::body::Frame::data(Bytes::from(buf)))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        let body = http_body_util::StreamBody::new(tokio_stream_from(rx)).boxed();
+        // Our own deadline: generous for the size (at least 1 MB/s) but finite.
+        let deadline = Duration::from_secs(30) + Duration::from_secs(len / (1 << 20));
+        let call = self.pool.call_raw(self.target, &self.addr, wire::PATH_SNAPSHOT, body, deadline);
+        let res = tokio::select! {
+            closed = cancel => {
+                producer.abort();
+                return Err(StreamingError::Closed(closed));
+            }
+            r = call => r,
+        };
+        producer.abort();
+        let (status, body) = res.map_err(PeerError::into_streaming)?;
+        if status != StatusCode::OK {
+            return Err(StreamingError::Network(NetworkError::from_string(format!(
+                "snapshot refused by node {}: {status}: {}",
+                self.target,
+                String::from_utf8_lossy(&body)
+            ))));
+        }
+        wire::decode(&body).map_err(io_err)
+    }
+}
+
+/// Adapts an mpsc receiver into a `Stream` of body frames.
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + Sync + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,127 @@
+//! The peer protocol on the wire: routes, headers and the compact binary
+//! (bincode) encoding of every message.
+//!
+//! Every peer request is an HTTP/2 POST carrying `x-keel-cluster` (the
+//! cluster name; a mismatch is refused with 412) and `x-keel-from` (the
+//! sender's node id, which must equal the id in its certificate).
+
+use std::io;
+
+use keel_storage::model::Request;
+use keel_storage::model::Response;
+use serde::Deserialize;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Raft AppendEntries.
+pub const PATH_APPEND: &str = "/raft/append";
+/// Raft RequestVote.
+pub const PATH_VOTE: &str = "/raft/vote";
+/// Raft pre-vote (an election probe that does not bump terms).
+pub const PATH_PRE_VOTE: &str = "/raft/pre-vote";
+/// Leadership handoff to the receiver.
+pub const PATH_TRANSFER_LEADER: &str = "/raft/transfer-leader";
+/// A whole snapshot, streamed in the request body.
+pub const PATH_SNAPSHOT: &str = "/raft/snapshot";
+/// A client write forwarded by a follower to the leader.
+pub const PATH_FORWARD_WRITE: &str = "/keel/forward-write";
+/// A follower asking the leader for a read index (linearizable reads).
+pub const PATH_READ_INDEX: &str = "/keel/read-index";
+
+/// Header naming the cluster the sender belongs to.
+pub const HDR_CLUSTER: &str = "x-keel-cluster";
+/// Header naming the sender's node id.
+pub const HDR_FROM: &str = "x-keel-from";
+
+/// Content type of every peer message.
+pub const CONTENT_TYPE: &str = "application/x-keel-bincode";
+
+/// Largest non-snapshot message accepted (a batch of log entries).
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// Encodes a message.
+pub fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    use bincode::Options;
+    options().serialize(v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Varint integers, little endian, no trailing bytes, bounded allocations.
+fn options() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new().with_limit(MAX_MESSAGE as u64)
+}
+
+/// Decodes a message, refusing trailing garbage and absurd lengths.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
+    use bincode::Options;
+    options()
+        .deserialize(bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("malformed peer message: {e}")))
+}
+
+/// Reply of the leader to a forwarded write.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardReply {
+    /// Applied at `index` with this response.
+    Applied {
+        /// Log index of the write.
+        index: u64,
+        /// The state machine's answer.
+        response: Response,
+    },
+    /// The receiver is not the leader; `leader` is who it thinks is.
+    NotLeader {
+        /// The leader it knows of, if any.
+        leader: Option<u64>,
+    },
+    /// The write failed for another reason (it may still have committed).
+    Failed(String),
+}
+
+/// Reply of the leader to a read-index request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ReadIndexReply {
+    /// Reads are linearizable once the asker has applied up to `index`.
+    Ready {
+        /// The log index to wait for.
+        index: u64,
+    },
+    /// The receiver is not the leader.
+    NotLeader {
+        /// The leader it knows of, if any.
+        leader: Option<u64>,
+    },
+    /// Leadership could not be confirmed.
+    Failed(String),
+}
+
+/// A forwarded write.
+pub type ForwardWrite = Request;
+
+/// First part of a snapshot transfer, before the file bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotEnvelope {
+    /// The sending leader's vote.
+    pub vote: keel_storage::types::Vote,
+    /// Snapshot metadata (last included log id, membership).
+    pub meta: keel_storage::types::SnapshotMeta,
+    /// Size of the snapshot file in bytes.
+    pub len: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_refuses_garbage_and_trailing_bytes() {
+        let bytes = encode(&ReadIndexReply::Ready { index: 7 }).unwrap();
+        assert!(matches!(decode::<ReadIndexReply>(&bytes).unwrap(), ReadIndexReply::Ready { index: 7 }));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode::<ReadIndexReply>(&longer).is_err());
+        assert!(decode::<ReadIndexReply>(&[0xff; 3]).is_err());
+        // A length prefix claiming far more than the limit is refused, not allocated.
+        assert!(decode::<Vec<u8>>(&[0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]).is_err());
+    }
+}

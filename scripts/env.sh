@@ -1,0 +1,5 @@
+# Sourced by the scripts: one persistent target directory outside the clone,
+# so RocksDB (about 30 minutes cold on 2 cores) is compiled once and every
+# later build, test run and dev cluster reuses it.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keel-target}"
+mkdir -p "$CARGO_TARGET_DIR"

@@ -1,0 +1,17 @@
+//! keel: a Raft-replicated control plane for fleets of LLM inference gateways.
+//!
+//! This crate is the `keel` binary's library: configuration (`config`), the
+//! wiring of a node (`node`), the public and admin HTTP API (`api`, over the
+//! narrow [`cluster::Cluster`] handle), certificates (`cert`) and the
+//! command-line tools (`cli`, `dev_cluster`). It is the only crate that
+//! knows JSON and the public API; Raft transport lives in `keel-raft`,
+//! everything on disk in `keel-storage`.
+
+pub mod api;
+pub mod cert;
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod dev_cluster;
+pub mod error;
+pub mod node;

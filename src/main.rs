@@ -1,0 +1,168 @@
+//! The `keel` command.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use clap::Subcommand;
+use keel::config::Config;
+use keel::config::ServeArgs;
+
+#[derive(Parser)]
+#[command(name = "keel", version, about = "A Raft-replicated control plane for LLM inference gateways")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node.
+    Serve(ServeArgs),
+    /// Generate certificates (CA, node, client, admin).
+    #[command(subcommand)]
+    Cert(CertCmd),
+    /// Print a node's view of the cluster.
+    Status {
+        #[command(flatten)]
+        client: keel::cli::ClientArgs,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a local cluster on loopback with generated certificates until Ctrl-C.
+    DevCluster {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// Directory for certificates, configs, data and logs.
+        #[arg(long, default_value = "keel-dev")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Create the cluster CA (ca.pem, ca-key.pem).
+    Ca {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create a node certificate signed by the CA in DIR.
+    Node {
+        /// Directory holding the CA; output goes there too.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node id.
+        #[arg(long)]
+        id: u64,
+        /// Extra DNS names or IP addresses the node is reached at.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create a client (or, with --admin, an admin) certificate.
+    Client {
+        /// Directory holding the CA; output goes there too.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Client name.
+        #[arg(long)]
+        name: String,
+        /// Grant admin rights.
+        #[arg(long)]
+        admin: bool,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn init_logging(json: bool, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let res = rt.block_on(async move {
+        match cli.command {
+            Cmd::Serve(args) => {
+                let config = Config::load(&args)?;
+                init_logging(config.log_json, &config.log_level);
+                keel::node::run(config).await
+            }
+            Cmd::Cert(c) => cert(c),
+            Cmd::Status { client, json } => keel::cli::status(&client, json).await,
+            Cmd::DevCluster { nodes, dir } => {
+                init_logging(false, "warn");
+                keel::dev_cluster::run(nodes, &dir).await
+            }
+        }
+    });
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keel: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn cert(c: CertCmd) -> anyhow::Result<()> {
+    use keel::cert::CertOptions;
+    let opts = |days| CertOptions {
+        days,
+        ..CertOptions::default()
+    };
+    match c {
+        CertCmd::Ca { dir, days, force } => {
+            keel::cert::create_ca(&dir, &opts(days), force)?;
+            println!("created {}", dir.join("ca.pem").display());
+        }
+        CertCmd::Node {
+            dir,
+            id,
+            hosts,
+            days,
+            force,
+        } => {
+            let (cert, key) = keel::cert::create_node(&dir, id, &hosts, &opts(days), force)?;
+            println!("created {} and {}", cert.display(), key.display());
+        }
+        CertCmd::Client {
+            dir,
+            name,
+            admin,
+            days,
+            force,
+        } => {
+            let (cert, key) = keel::cert::create_client(&dir, &name, admin, &opts(days), force)?;
+            println!("created {} and {}", cert.display(), key.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! The `keel` command as an operator meets it: configuration errors, a data
+//! directory from another cluster, and the README's `dev-cluster` command.
+
+mod common;
+
+use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
+use std::time::Instant;
+
+use common::TestCluster;
+
+fn keel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+}
+
+/// Runs keel to completion (bounded) and returns (success, stderr).
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.stdin(Stdio::null()).output().expect("run keel");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+#[test]
+fn serve_refuses_an_unspecified_advertised_address() {
+    let td = tempfile::tempdir().unwrap();
+    let (ok, err) = run(keel()
+        .args(["serve", "--node-id", "1", "--insecure", "--api-listen", "0.0.0.0:7001", "--data-dir"])
+        .arg(td.path()));
+    assert!(!ok);
+    assert!(err.contains("api_advertise") && err.contains("unspecified"), "{err}");
+}
+
+#[test]
+fn serve_refuses_to_start_without_tls_files_unless_insecure() {
+    let td = tempfile::tempdir().unwrap();
+    let (ok, err) = run(keel().args(["serve", "--node-id", "1", "--data-dir"]).arg(td.path()));
+    assert!(!ok);
+    assert!(err.contains("tls.ca") && err.contains("--insecure"), "{err}");
+}
+
+#[test]
+fn config_file_with_an_unknown_key_is_refused_by_name() {
+    let td = tempfile::tempdir().unwrap();
+    let cfg = td.path().join("k.toml");
+    std::fs::write(&cfg, "node_id = 1\nelection_timeout = 5\n").unwrap();
+    let (ok, err) = run(keel().arg("serve").arg("--config").arg(&cfg));
+    assert!(!ok);
+    assert!(err.contains("election_timeout"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_of_another_cluster_is_refused() {
+    let c = TestCluster::start(1);
+    c.wait_leader().await;
+    assert_eq!(c.terminate(1).code(), Some(0), "clean exit on SIGTERM");
+    let p = &c.nodes[&1];
+    let (ok, err) = run(keel()
+        .arg("serve")
+        .arg("--config")
+        .arg(&p.config)
+        .args(&c.extra_args)
+        .args(["--cluster-name", "someone-else"]));
+    assert!(!ok);
+    assert!(err.contains("belongs to cluster"), "{err}");
+    // The original cluster still starts from the same directory.
+    c.spawn(1);
+    c.wait_leader().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_cluster_starts_three_nodes_and_stops_them_on_ctrl_c() {
+    let td = tempfile::tempdir().unwrap();
+    let dir = td.path().join("dev");
+    let mut child = keel()
+        .args(["dev-cluster", "--nodes", "3", "--dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let file = dir.join("cluster.json");
+    let start = Instant::now();
+    // cluster.json appears once the nodes are spawned; then /status must
+    // name a leader on every node.
+    let cf = loop {
+        if let Ok(cf) = keel::dev_cluster::ClusterFile::read(&file) {
+            break cf;
+        }
+        assert!(start.elapsed() < common::WAIT, "no cluster.json");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(cf.nodes.len(), 3);
+    for p in [&cf.ca_cert, &cf.client_cert, &cf.client_key, &cf.admin_cert, &cf.admin_key] {
+        assert!(p.is_absolute() && p.exists(), "{}", p.display());
+    }
+    let client = common::http_client(&dir.join("certs"), "client-dev.pem", "client-dev-key.pem");
+    for n in &cf.nodes {
+        assert!(n.pid > 0 && n.data_dir.is_absolute() && n.config.exists());
+        let url = format!("https://{}/status", n.api_addr);
+        loop {
+            let s: Option<keel::cluster::StatusView> = match client.get(&url).send().await {
+                Ok(r) if r.status().is_success() => r.json().await.ok(),
+                _ => None,
+            };
+            if s.is_some_and(|s| s.leader_id.is_some()) {
+                break;
+            }
+            assert!(start.elapsed() < common::WAIT, "node {} never saw a leader", n.id);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    common::signal(child.id(), nix::sys::signal::Signal::SIGINT);
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(stopped.elapsed() < common::WAIT, "dev-cluster did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "dev-cluster exit: {status}");
+    for n in &cf.nodes {
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(n.pid as i32), None).is_ok();
+        assert!(!alive, "node {} (pid {}) still running", n.id, n.pid);
+    }
+}

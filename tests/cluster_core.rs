@@ -1,0 +1,212 @@
+//! Cluster-level behaviour of real `keel` processes: election, writes
+//! through followers, linearizable reads everywhere, crashes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+use common::TestCluster;
+use futures::StreamExt;
+use serde_json::Value;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_elect_one_leader_and_serve_writes_through_a_follower() {
+    let c = TestCluster::start(3);
+    let leader = c.wait_leader().await;
+
+    // Exactly one node calls itself leader, and all agree on the term.
+    let mut leaders = 0;
+    let mut terms = Vec::new();
+    for id in 1..=3 {
+        let s = c.status(id).await.expect("status");
+        if s.role == "leader" {
+            leaders += 1;
+            assert_eq!(s.node_id, leader);
+        } else {
+            assert_eq!(s.role, "follower", "node {id}");
+        }
+        assert_eq!(s.members.len(), 3);
+        terms.push(s.term);
+    }
+    assert_eq!(leaders, 1, "exactly one leader");
+    assert!(terms.iter().all(|t| *t == terms[0]), "terms differ: {terms:?}");
+
+    // 1,000 writes sent through a follower, 16 in flight at a time.
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let results: Vec<u16> = futures::stream::iter(0..1000)
+        .map(|i| {
+            let c = &c;
+            async move {
+                let r = c.put(follower, &format!("bulk/{i:04}"), &json!({"n": i})).await.expect("transport");
+                r.status
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(results.iter().all(|s| *s == 201), "some writes failed: {:?}", {
+        let mut m = BTreeMap::new();
+        for s in &results {
+            *m.entry(*s).or_insert(0) += 1;
+        }
+        m
+    });
+
+    // Every node returns all of them from a linearizable read.
+    for id in 1..=3 {
+        let items = c.list(id, "bulk/", false).await;
+        assert_eq!(items.len(), 1000, "node {id}");
+        for (i, (k, v)) in items.iter().enumerate() {
+            assert_eq!(k, &format!("bulk/{i:04}"));
+            assert_eq!(v, &json!({"n": i}));
+        }
+    }
+
+    // Read-your-writes across nodes: a write acknowledged by one node is
+    // immediately visible to a linearizable read on another.
+    for i in 0..30 {
+        let w = 1 + (i % 3);
+        let r = 1 + ((i + 1) % 3);
+        let put = c.put(w, "ryw", &json!(i)).await.unwrap();
+        assert!(put.status == 200 || put.status == 201, "{put:?}");
+        let got = c.get(r, "ryw", false).await.unwrap();
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body["value"], json!(i), "node {r} missed the write acknowledged by node {w}");
+    }
+    c.assert_converged(&[1, 2, 3]).await;
+}
+
+/// Writers that record every acknowledged write; failures are "unknown".
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(BTreeMap<String, Value>, usize)>>,
+}
+
+fn start_load(c: &Arc<TestCluster>, targets: Vec<u64>, writers: usize, max_per_writer: usize) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = (0..writers)
+        .map(|w| {
+            let c = c.clone();
+            let stop = stop.clone();
+            let targets = targets.clone();
+            tokio::spawn(async move {
+                let mut acked = BTreeMap::new();
+                let mut failed = 0;
+                for i in 0..max_per_writer {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("load/w{w}-{i:05}");
+                    let value = json!({"w": w, "i": i});
+                    let node = targets[i % targets.len()];
+                    match c.put(node, &key, &value).await {
+                        Ok(r) if r.status == 201 => {
+                            acked.insert(key, value);
+                        }
+                        _ => {
+                            failed += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                (acked, failed)
+            })
+        })
+        .collect();
+    Load { stop, tasks }
+}
+
+impl Load {
+    async fn finish(self) -> (BTreeMap<String, Value>, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = BTreeMap::new();
+        let mut failed = 0;
+        for t in self.tasks {
+            let (a, f) = t.await.unwrap();
+            all.extend(a);
+            failed += f;
+        }
+        (all, failed)
+    }
+}
+
+/// Waits until `n` writes have been acknowledged by the running load, by
+/// watching the applied index on `node` grow past `base + n`.
+async fn wait_progress(c: &TestCluster, node: u64, n: u64) {
+    let base = c.status(node).await.map(|s| s.applied_index).unwrap_or(0);
+    c.wait_applied(&[node], base + n).await;
+}
+
+/// Every acknowledged write must be readable (linearizably) from `node`.
+async fn assert_all_present(c: &TestCluster, node: u64, acked: &BTreeMap<String, Value>) {
+    let items = c.list(node, "load/", false).await;
+    let missing: Vec<&String> = acked.keys().filter(|k| !items.contains_key(*k)).collect();
+    assert!(missing.is_empty(), "node {node} lost {} acknowledged writes, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    for (k, v) in acked {
+        assert_eq!(&items[k], v, "node {node} has a different value for {k}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kill_during_writes_loses_no_acknowledged_write() {
+    let c = Arc::new(TestCluster::start(3));
+    let old = c.wait_leader().await;
+    let followers: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
+    let old_term = c.status(old).await.unwrap().term;
+
+    let load = start_load(&c, followers.clone(), 4, 3000);
+    wait_progress(&c, followers[0], 200).await;
+    c.kill(old);
+    let killed_at = Instant::now();
+    let new = c.wait_leader_among(&followers).await;
+    assert_ne!(new, old);
+    assert!(c.status(new).await.unwrap().term > old_term, "a new leader needs a new term");
+    // Writes flow again under the new leader.
+    wait_progress(&c, followers[0], 200).await;
+    let (acked, failed) = load.finish().await;
+    eprintln!(
+        "acknowledged {} writes, {failed} failed or unknown; new leader {new} after {:?}",
+        acked.len(),
+        killed_at.elapsed()
+    );
+    assert!(acked.len() >= 400, "load made too little progress: {}", acked.len());
+    for f in &followers {
+        assert_all_present(&c, *f, &acked).await;
+    }
+
+    // The old leader, restarted, catches up to the same state.
+    c.spawn(old);
+    c.wait_leader().await;
+    let leader_commit = c.status(new).await.unwrap().commit_index;
+    c.wait_applied(&[old], leader_commit).await;
+    assert_all_present(&c, old, &acked).await;
+    c.assert_converged(&[1, 2, 3]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_all_nodes_mid_load_then_restart_keeps_every_acknowledged_write() {
+    let c = Arc::new(TestCluster::start(3));
+    c.wait_leader().await;
+    let load = start_load(&c, vec![1, 2, 3], 6, 3000);
+    wait_progress(&c, 1, 300).await;
+    // All three die while writes are in flight.
+    for id in 1..=3 {
+        c.kill(id);
+    }
+    let (acked, _) = load.finish().await;
+    assert!(acked.len() >= 250, "too few acknowledged writes before the crash: {}", acked.len());
+    for id in 1..=3 {
+        c.spawn(id);
+    }
+    c.wait_leader().await;
+    for id in 1..=3 {
+        assert_all_present(&c, id, &acked).await;
+    }
+    c.assert_converged(&[1, 2, 3]).await;
+}

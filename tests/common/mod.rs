@@ -1,0 +1,384 @@
+//! A test cluster of real `keel` processes on loopback.
+//!
+//! Tests start nodes with `keel serve`, kill them with SIGKILL or stop them
+//! with SIGTERM, restart them with their data, and talk to them over HTTPS
+//! with client and admin certificates. Every wait polls a condition with a
+//! generous deadline; nothing sleeps for a fixed time hoping for the best.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::Child;
+use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
+use std::time::Instant;
+
+use keel::cluster::StatusView;
+use keel_raft::tls::TlsFiles;
+use keel_raft::tls::TlsMaterial;
+use serde_json::Value;
+
+/// Generous deadline for cluster-level conditions on a busy 2-core machine.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// One node process.
+pub struct NodeProc {
+    pub id: u64,
+    pub api_addr: String,
+    pub raft_addr: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub child: std::sync::Mutex<Option<Child>>,
+}
+
+impl NodeProc {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("keel.log")
+    }
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap().as_ref().map(|c| c.id())
+    }
+    pub fn is_running(&self) -> bool {
+        self.child.lock().unwrap().is_some()
+    }
+}
+
+/// The result of an HTTP call: status and JSON body (Null if none).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub revision: Option<u64>,
+}
+
+pub struct TestCluster {
+    pub root: tempfile::TempDir,
+    pub certs: PathBuf,
+    pub cluster_name: String,
+    pub nodes: BTreeMap<u64, NodeProc>,
+    pub client: reqwest::Client,
+    pub admin: reqwest::Client,
+    pub extra_args: Vec<String>,
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().unwrap().to_string()
+}
+
+pub fn http_client(certs: &Path, cert: &str, key: &str) -> reqwest::Client {
+    let files = TlsFiles {
+        ca: certs.join("ca.pem"),
+        cert: certs.join(cert),
+        key: certs.join(key),
+    };
+    let tls = TlsMaterial::load(&files).expect("load client TLS").client_config(false).expect("client config");
+    reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("build http client")
+}
+
+impl TestCluster {
+    /// Writes certificates and configs for `n` nodes and starts them all.
+    pub fn start(n: u64) -> Self {
+        let c = Self::prepare(n, &[]);
+        for id in 1..=n {
+            c.spawn(id);
+        }
+        c
+    }
+
+    /// Like [`TestCluster::start`] but with extra `keel serve` flags for every node.
+    pub fn start_with(n: u64, extra: &[&str]) -> Self {
+        let c = Self::prepare(n, extra);
+        for id in 1..=n {
+            c.spawn(id);
+        }
+        c
+    }
+
+    /// Certificates and configs only; nothing started.
+    pub fn prepare(n: u64, extra: &[&str]) -> Self {
+        let root = tempfile::Builder::new().prefix("keel-test-").tempdir().expect("temp dir");
+        let certs = root.path().join("certs");
+        let ids: Vec<u64> = (1..=n).collect();
+        keel::cert::create_dev_set(&certs, &ids).expect("create certificates");
+        let cluster_name = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let mut nodes = BTreeMap::new();
+        for id in 1..=n {
+            let dir = root.path().join(format!("node-{id}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            nodes.insert(
+                id,
+                NodeProc {
+                    id,
+                    api_addr: free_addr(),
+                    raft_addr: free_addr(),
+                    config: dir.join("keel.toml"),
+                    dir,
+                    child: std::sync::Mutex::new(None),
+                },
+            );
+        }
+        let members: String = nodes
+            .values()
+            .map(|p| format!("{}={}/{}", p.id, p.raft_addr, p.api_addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        for p in nodes.values() {
+            let cfg = format!(
+                "node_id = {}\ncluster_name = \"{cluster_name}\"\ndata_dir = \"{}\"\napi_listen = \"{}\"\nraft_listen = \"{}\"\nlog_level = \"info,openraft=warn\"\n\n[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 1000\nelection_timeout_max_ms = 2000\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                p.id,
+                p.data_dir().display(),
+                p.api_addr,
+                p.raft_addr,
+                certs.join("ca.pem").display(),
+                certs.join(format!("node-{}.pem", p.id)).display(),
+                certs.join(format!("node-{}-key.pem", p.id)).display(),
+            );
+            std::fs::write(&p.config, cfg).unwrap();
+        }
+        let mut extra_args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        extra_args.push(format!("--initial-members={members}"));
+        let client = http_client(&certs, "client-dev.pem", "client-dev-key.pem");
+        let admin = http_client(&certs, "admin-dev.pem", "admin-dev-key.pem");
+        TestCluster {
+            root,
+            certs,
+            cluster_name,
+            nodes,
+            client,
+            admin,
+            extra_args,
+        }
+    }
+
+    /// Starts node `id` (again) with its config and data.
+    pub fn spawn(&self, id: u64) {
+        let extra = self.extra_args.clone();
+        let p = &self.nodes[&id];
+        let mut slot = p.child.lock().unwrap();
+        assert!(slot.is_none(), "node {id} is already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(p.log()).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&p.config)
+            .args(&extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn keel");
+        *slot = Some(child);
+    }
+
+    /// SIGKILL: the process dies at once, mid-whatever.
+    pub fn kill(&self, id: u64) {
+        if let Some(mut c) = self.nodes[&id].child.lock().unwrap().take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit status.
+    pub fn terminate(&self, id: u64) -> std::process::ExitStatus {
+        let mut c = self.nodes[&id].child.lock().unwrap().take().expect("node running");
+        signal(c.id(), nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if start.elapsed() > WAIT {
+                c.kill().ok();
+                panic!("node {id} did not exit within {WAIT:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes.values().filter(|p| p.is_running()).map(|p| p.id).collect()
+    }
+
+    pub fn url(&self, id: u64, path: &str) -> String {
+        format!("https://{}{path}", self.nodes[&id].api_addr)
+    }
+
+    pub fn log_tail(&self, id: u64) -> String {
+        let s = std::fs::read_to_string(self.nodes[&id].log()).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub async fn status(&self, id: u64) -> Option<StatusView> {
+        let r = self.client.get(self.url(id, "/status")).timeout(Duration::from_secs(3)).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
+    /// Waits until every running node names the same leader; returns it.
+    pub async fn wait_leader(&self) -> u64 {
+        self.wait_leader_among(&self.running()).await
+    }
+
+    pub async fn wait_leader_among(&self, ids: &[u64]) -> u64 {
+        let start = Instant::now();
+        loop {
+            let mut seen = Vec::new();
+            for id in ids {
+                seen.push(self.status(*id).await.and_then(|s| s.leader_id));
+            }
+            if let Some(Some(l)) = seen.first()
+                && seen.iter().all(|x| *x == Some(*l))
+                && ids.contains(l)
+            {
+                return *l;
+            }
+            if start.elapsed() > WAIT {
+                for id in ids {
+                    eprintln!("--- node {id} log ---\n{}", self.log_tail(*id));
+                }
+                panic!("nodes {ids:?} did not agree on a live leader within {WAIT:?}: {seen:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every node in `ids` has applied at least `index`.
+    pub async fn wait_applied(&self, ids: &[u64], index: u64) {
+        let start = Instant::now();
+        loop {
+            let mut all = true;
+            for id in ids {
+                let a = self.status(*id).await.map(|s| s.applied_index).unwrap_or(0);
+                all &= a >= index;
+            }
+            if all {
+                return;
+            }
+            assert!(start.elapsed() < WAIT, "nodes {ids:?} did not apply index {index} within {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn reply(r: reqwest::Response) -> Reply {
+        let status = r.status().as_u16();
+        let revision = r
+            .headers()
+            .get("x-keel-revision")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let text = r.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Reply { status, body, revision }
+    }
+
+    /// PUT a JSON value; `Err` carries a transport error (outcome unknown).
+    pub async fn put(&self, id: u64, key: &str, value: &Value) -> Result<Reply, String> {
+        let r = self
+            .client
+            .put(self.url(id, &format!("/v1/kv/{key}")))
+            .json(value)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Self::reply(r).await)
+    }
+
+    pub async fn put_with(&self, id: u64, key: &str, value: &Value, header: (&str, &str)) -> Reply {
+        let r = self
+            .client
+            .put(self.url(id, &format!("/v1/kv/{key}")))
+            .header(header.0, header.1)
+            .json(value)
+            .send()
+            .await
+            .expect("request");
+        Self::reply(r).await
+    }
+
+    pub async fn get(&self, id: u64, key: &str, stale: bool) -> Result<Reply, String> {
+        let q = if stale { "?consistency=stale" } else { "" };
+        let r = self
+            .client
+            .get(self.url(id, &format!("/v1/kv/{key}{q}")))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Self::reply(r).await)
+    }
+
+    /// All `kv/` entries under `prefix` as key -> value, read from node `id`.
+    pub async fn list(&self, id: u64, prefix: &str, stale: bool) -> BTreeMap<String, Value> {
+        let c = if stale { "&consistency=stale" } else { "" };
+        let r = self
+            .client
+            .get(self.url(id, &format!("/v1/kv?prefix={prefix}&limit=10000{c}")))
+            .send()
+            .await
+            .expect("list request");
+        let rep = Self::reply(r).await;
+        assert_eq!(rep.status, 200, "list from node {id}: {:?}", rep.body);
+        rep.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| (o["key"].as_str().unwrap().to_string(), o["value"].clone()))
+            .collect()
+    }
+
+    pub async fn state_hash(&self, id: u64) -> Value {
+        let r = self.admin.get(self.url(id, "/admin/state-hash")).send().await.expect("state-hash");
+        let rep = Self::reply(r).await;
+        assert_eq!(rep.status, 200, "state hash from node {id}: {:?}", rep.body);
+        rep.body
+    }
+
+    /// Waits until all `ids` report the same applied index, then returns
+    /// their state hashes at that index (asserting they agree).
+    pub async fn assert_converged(&self, ids: &[u64]) -> Value {
+        let start = Instant::now();
+        loop {
+            let mut hashes = Vec::new();
+            for id in ids {
+                hashes.push(self.state_hash(*id).await);
+            }
+            let idx: Vec<u64> = hashes.iter().map(|h| h["applied_index"].as_u64().unwrap()).collect();
+            if idx.iter().all(|i| *i == idx[0]) {
+                for (id, h) in ids.iter().zip(&hashes) {
+                    assert_eq!(h, &hashes[0], "node {id} state differs from node {} at index {}", ids[0], idx[0]);
+                }
+                return hashes[0].clone();
+            }
+            assert!(start.elapsed() < WAIT, "applied indexes never converged: {idx:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("signal a child we own");
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for p in self.nodes.values() {
+            if let Some(mut c) = p.child.lock().unwrap().take() {
+                c.kill().ok();
+                c.wait().ok();
+            }
+        }
+    }
+}
