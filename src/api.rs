@@ -104,7 +104,11 @@ async fn readyz(State(s): State<ApiState>) -> Response {
     };
     match reason {
         None => Json(json!({"ready": true})).into_response(),
-        Some(r) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "reason": r}))).into_response(),
+        Some(r) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": r})),
+        )
+            .into_response(),
     }
 }
 
@@ -130,7 +134,10 @@ fn kv_key(key: &str) -> Result<String, ApiError> {
         ));
     }
     if key.chars().any(|c| c.is_control()) {
-        return Err(ApiError::bad_request("invalid_key", "key must not contain control characters"));
+        return Err(ApiError::bad_request(
+            "invalid_key",
+            "key must not contain control characters",
+        ));
     }
     Ok(format!("kv/{key}"))
 }
@@ -154,7 +161,10 @@ fn precondition(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
         )),
         (Some(m), None) if m == "*" => Ok(Some(Expect::Present)),
         (Some(m), None) => m.parse().map(|r| Some(Expect::Revision(r))).map_err(|_| {
-            ApiError::bad_request("invalid_header", format!("If-Match must be a revision number or *, got {m:?}"))
+            ApiError::bad_request(
+                "invalid_header",
+                format!("If-Match must be a revision number or *, got {m:?}"),
+            )
         }),
         (None, Some(m)) if m == "*" => Ok(Some(Expect::Absent)),
         (None, Some(m)) => Err(ApiError::bad_request(
@@ -221,7 +231,10 @@ async fn kv_get(
     let revision = s.cluster.reader().applied_index();
     match s.cluster.reader().get(&key)? {
         Some(o) => Ok(with_revision(Json(object_json(&key, &o)).into_response(), revision)),
-        None => Err(ApiError::not_found(format!("no key {:?}", key.strip_prefix("kv/").unwrap_or(&key)))),
+        None => Err(ApiError::not_found(format!(
+            "no key {:?}",
+            key.strip_prefix("kv/").unwrap_or(&key)
+        ))),
     }
 }
 
@@ -246,7 +259,10 @@ async fn kv_list(
         .iter()
         .map(|(k, o)| object_json(k, o))
         .collect();
-    Ok(with_revision(Json(json!({"items": items, "revision": revision})).into_response(), revision))
+    Ok(with_revision(
+        Json(json!({"items": items, "revision": revision})).into_response(),
+        revision,
+    ))
 }
 
 async fn kv_put(
@@ -292,7 +308,10 @@ fn write_response((index, response): (u64, keel_storage::model::Response)) -> Re
                 revision,
             ))
         }
-        R::Deleted { revision } => Ok(with_revision(Json(json!({"revision": revision})).into_response(), revision)),
+        R::Deleted { revision } => Ok(with_revision(
+            Json(json!({"revision": revision})).into_response(),
+            revision,
+        )),
         R::Conflict { current_revision } => Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use time::{Duration, OffsetDateTime};
 use x509_parser::certificate::X509Certificate;
@@ -69,9 +69,7 @@ pub fn create_ca(dir: &Path, opts: &CertOptions, force: bool) -> Result<()> {
     let mut params = ca_params();
     set_validity(&mut params, opts)?;
     let key = KeyPair::generate().context("cannot generate the CA key")?;
-    let cert = params
-        .self_signed(&key)
-        .context("cannot sign the CA certificate")?;
+    let cert = params.self_signed(&key).context("cannot sign the CA certificate")?;
     write_file(&key_path, key.serialize_pem().as_bytes(), 0o600, force)?;
     write_file(&cert_path, cert.pem().as_bytes(), 0o644, force)
 }
@@ -97,10 +95,7 @@ pub fn create_node(
             sans.push(san);
         }
     }
-    let ekus = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    let ekus = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     create_leaf(dir, &format!("node-{id}"), sans, ekus, opts, force)
 }
 
@@ -190,8 +185,7 @@ fn validate_name(name: &str) -> Result<()> {
 
 fn uri_san(uri: &str) -> Result<SanType> {
     Ok(SanType::URI(
-        uri.try_into()
-            .with_context(|| format!("invalid URI {uri:?}"))?,
+        uri.try_into().with_context(|| format!("invalid URI {uri:?}"))?,
     ))
 }
 
@@ -208,12 +202,8 @@ fn host_san(host: &str) -> Result<SanType> {
 fn ca_params() -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, ORGANIZATION);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, CA_COMMON_NAME);
+    params.distinguished_name.push(DnType::OrganizationName, ORGANIZATION);
+    params.distinguished_name.push(DnType::CommonName, CA_COMMON_NAME);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -263,23 +253,15 @@ impl LoadedCa {
 fn load_ca(dir: &Path) -> Result<LoadedCa> {
     let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
     let hint = "create one with `keel cert ca`";
-    let cert_pem = fs::read(&cert_path).with_context(|| {
-        format!(
-            "cannot read the CA certificate {} ({hint})",
-            cert_path.display()
-        )
-    })?;
+    let cert_pem = fs::read(&cert_path)
+        .with_context(|| format!("cannot read the CA certificate {} ({hint})", cert_path.display()))?;
     let key_pem = fs::read_to_string(&key_path)
         .with_context(|| format!("cannot read the CA key {} ({hint})", key_path.display()))?;
-    let key = KeyPair::from_pem(&key_pem)
-        .with_context(|| format!("{} holds no usable private key", key_path.display()))?;
+    let key =
+        KeyPair::from_pem(&key_pem).with_context(|| format!("{} holds no usable private key", key_path.display()))?;
     let der = first_cert(&cert_pem).with_context(|| format!("in {}", cert_path.display()))?;
     let ca = parse(&der).with_context(|| format!("in {}", cert_path.display()))?;
-    ensure!(
-        ca.is_ca(),
-        "{} is not a CA certificate",
-        cert_path.display()
-    );
+    ensure!(ca.is_ca(), "{} is not a CA certificate", cert_path.display());
     ensure!(
         ca.public_key().raw == key.public_key_der().as_slice(),
         "{} does not belong to the CA certificate {}",
@@ -322,8 +304,8 @@ fn first_cert(pem: &[u8]) -> Result<Vec<u8>> {
 }
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| anyhow!("cannot parse the certificate: {e}"))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| anyhow!("cannot parse the certificate: {e}"))?;
     Ok(cert)
 }
 
@@ -335,10 +317,7 @@ fn create_leaf(
     opts: &CertOptions,
     force: bool,
 ) -> Result<(PathBuf, PathBuf)> {
-    let (cert_path, key_path) = (
-        dir.join(format!("{stem}.pem")),
-        dir.join(format!("{stem}-key.pem")),
-    );
+    let (cert_path, key_path) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}-key.pem")));
     refuse_overwrite(&[&cert_path, &key_path], force)?;
     let ca = load_ca(dir)?;
     ensure!(
@@ -349,9 +328,7 @@ fn create_leaf(
     );
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, ORGANIZATION);
+    params.distinguished_name.push(DnType::OrganizationName, ORGANIZATION);
     params.distinguished_name.push(DnType::CommonName, stem);
     params.subject_alt_names = sans;
     params.extended_key_usages = ekus;
@@ -422,11 +399,7 @@ fn write_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<()
     let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
     let tmp = dir.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
     let result = (|| -> std::io::Result<()> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         file.write_all(contents)?;
         file.sync_all()?;
         drop(file);
@@ -434,18 +407,14 @@ fn write_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<()
             true => fs::rename(&tmp, path),
             false => match fs::hard_link(&tmp, path) {
                 // A file system without hard links: check, then rename.
-                Err(e) if e.kind() != ErrorKind::AlreadyExists && !path.exists() => {
-                    fs::rename(&tmp, path)
-                }
+                Err(e) if e.kind() != ErrorKind::AlreadyExists && !path.exists() => fs::rename(&tmp, path),
                 linked => linked,
             },
         }
     })();
     let _ = fs::remove_file(&tmp);
     match result {
-        Err(e) if e.kind() == ErrorKind::AlreadyExists && !force && path.exists() => {
-            refuse_overwrite(&[path], false)?
-        }
+        Err(e) if e.kind() == ErrorKind::AlreadyExists && !force && path.exists() => refuse_overwrite(&[path], false)?,
         result => result.with_context(|| format!("cannot write {}", path.display()))?,
     }
     File::open(dir)
@@ -470,12 +439,7 @@ mod tests {
     fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         let files = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path());
         files
-            .map(|p| {
-                (
-                    p.file_name().unwrap().to_string_lossy().into(),
-                    fs::read(&p).unwrap(),
-                )
-            })
+            .map(|p| (p.file_name().unwrap().to_string_lossy().into(), fs::read(&p).unwrap()))
             .collect()
     }
 
@@ -524,18 +488,11 @@ mod tests {
             (dir.join("node-3.pem"), dir.join("node-3-key.pem"))
         );
         assert_eq!(mode(&key), 0o600);
-        let sans = [
-            "URI(keel://node/3)",
-            "DNSName(localhost)",
-            "IPAddress(7f:00:00:01)",
-        ];
+        let sans = ["URI(keel://node/3)", "DNSName(localhost)", "IPAddress(7f:00:00:01)"];
         let sans = sans
             .into_iter()
             .chain(["DNSName(db-1.example.com)", "IPAddress(0a:01:02:03)"]);
-        assert_eq!(
-            sans_and_ekus(&cert),
-            (sans.map(String::from).collect(), (true, true))
-        );
+        assert_eq!(sans_and_ekus(&cert), (sans.map(String::from).collect(), (true, true)));
         for host in ["localhost", "127.0.0.1", "db-1.example.com", "10.1.2.3"] {
             verify_server(&dir, &cert, host).unwrap();
         }
@@ -570,19 +527,12 @@ mod tests {
         create_client(dir, "dev", true, &opts, false).unwrap();
         let before = snapshot(dir);
         let err = create_ca(dir, &opts, false).unwrap_err().to_string();
-        assert!(
-            err.contains("ca.pem already exists; refusing to overwrite"),
-            "{err}"
-        );
-        let err = create_node(dir, 1, &[], &opts, false)
-            .unwrap_err()
-            .to_string();
+        assert!(err.contains("ca.pem already exists; refusing to overwrite"), "{err}");
+        let err = create_node(dir, 1, &[], &opts, false).unwrap_err().to_string();
         assert!(err.contains("node-1.pem already exists"), "{err}");
         // Half a pair is enough to refuse, and nothing is written.
         fs::remove_file(dir.join("admin-dev.pem")).unwrap();
-        let err = create_client(dir, "dev", true, &opts, false)
-            .unwrap_err()
-            .to_string();
+        let err = create_client(dir, "dev", true, &opts, false).unwrap_err().to_string();
         assert!(err.contains("admin-dev-key.pem already exists"), "{err}");
         fs::write(dir.join("admin-dev.pem"), &before["admin-dev.pem"]).unwrap();
         // The final no-clobber link holds even if the file appears after the first check.
@@ -601,10 +551,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (dir, opts) = (tmp.path(), CertOptions::default());
         let err = format!("{:#}", create_node(dir, 1, &[], &opts, false).unwrap_err());
-        assert!(
-            err.contains("ca.pem") && err.contains("keel cert ca"),
-            "{err}"
-        );
+        assert!(err.contains("ca.pem") && err.contains("keel cert ca"), "{err}");
         create_ca(dir, &opts, false).unwrap();
         // Every call loads the CA from its files, as a later process would.
         let (cert, _) = create_node(dir, 2, &[], &opts, false).unwrap();
@@ -612,34 +559,25 @@ mod tests {
         let ca = load_ca(dir).unwrap();
         assert!(pair_is_usable(dir, "node-2", &ca));
         let der = der(&dir.join(CA_CERT));
-        let ski =
-            parse(&der)
-                .unwrap()
-                .extensions()
-                .iter()
-                .find_map(|e| match e.parsed_extension() {
-                    ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
-                    _ => None,
-                });
+        let ski = parse(&der)
+            .unwrap()
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
+                _ => None,
+            });
         assert_eq!(ski, Some(ca.key_id));
         // A key that is not the CA's, and a CA with a foreign subject, are refused.
-        fs::write(
-            dir.join(CA_KEY),
-            KeyPair::generate().unwrap().serialize_pem(),
-        )
-        .unwrap();
-        let err = create_node(dir, 3, &[], &opts, false)
-            .unwrap_err()
-            .to_string();
+        fs::write(dir.join(CA_KEY), KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        let err = create_node(dir, 3, &[], &opts, false).unwrap_err().to_string();
         assert!(err.contains("does not belong"), "{err}");
         let key = KeyPair::generate().unwrap();
         let mut foreign = CertificateParams::default();
         foreign.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         fs::write(dir.join(CA_CERT), foreign.self_signed(&key).unwrap().pem()).unwrap();
         fs::write(dir.join(CA_KEY), key.serialize_pem()).unwrap();
-        let err = create_node(dir, 3, &[], &opts, false)
-            .unwrap_err()
-            .to_string();
+        let err = create_node(dir, 3, &[], &opts, false).unwrap_err().to_string();
         assert!(err.contains("was not created by keel"), "{err}");
     }
 
@@ -664,13 +602,8 @@ mod tests {
                 days,
                 not_before_offset_days: offset,
             };
-            let err = create_node(dir, 2, &[], &opts, false)
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.contains("days must be between") || err.contains("within"),
-                "{err}"
-            );
+            let err = create_node(dir, 2, &[], &opts, false).unwrap_err().to_string();
+            assert!(err.contains("days must be between") || err.contains("within"), "{err}");
         }
         let old = tempfile::tempdir().unwrap();
         create_ca(old.path(), &expired, false).unwrap();
@@ -694,9 +627,7 @@ mod tests {
             ("..", "only of dots"),
             ("gw-key", "-key"),
         ] {
-            let err = create_client(dir, name, false, &opts, false)
-                .unwrap_err()
-                .to_string();
+            let err = create_client(dir, name, false, &opts, false).unwrap_err().to_string();
             assert!(err.contains(why), "{name:?}: {err}");
         }
         create_client(dir, &"a".repeat(64), false, &opts, false).unwrap();
@@ -711,14 +642,7 @@ mod tests {
             );
         }
         assert!(!dir.join("node-1.pem").exists());
-        create_node(
-            dir,
-            1,
-            &["::1".into(), "Node-1.Example".into()],
-            &opts,
-            false,
-        )
-        .unwrap();
+        create_node(dir, 1, &["::1".into(), "Node-1.Example".into()], &opts, false).unwrap();
     }
 
     #[test]
@@ -727,14 +651,7 @@ mod tests {
         let dir = tmp.path().join("dev");
         create_dev_set(&dir, &[1, 2, 3]).unwrap();
         let first = snapshot(&dir);
-        let stems = [
-            "ca",
-            "node-1",
-            "node-2",
-            "node-3",
-            "client-dev",
-            "admin-dev",
-        ];
+        let stems = ["ca", "node-1", "node-2", "node-3", "client-dev", "admin-dev"];
         let mut want: Vec<_> = stems
             .iter()
             .flat_map(|s| [format!("{s}.pem"), format!("{s}-key.pem")])
@@ -768,16 +685,10 @@ mod tests {
         create_ca(&dir, &CertOptions::default(), true).unwrap();
         create_dev_set(&dir, &[1]).unwrap();
         verify_server(&dir, &dir.join("node-1.pem"), "127.0.0.1").unwrap();
-        assert_ne!(
-            fs::read(dir.join("client-dev.pem")).unwrap(),
-            second["client-dev.pem"]
-        );
+        assert_ne!(fs::read(dir.join("client-dev.pem")).unwrap(), second["client-dev.pem"]);
         // Half a CA is an error, not a silent new CA.
         fs::remove_file(dir.join(CA_KEY)).unwrap();
         let err = create_dev_set(&dir, &[1]).unwrap_err().to_string();
-        assert!(
-            err.contains("holds only one of ca.pem and ca-key.pem"),
-            "{err}"
-        );
+        assert!(err.contains("holds only one of ca.pem and ca-key.pem"), "{err}");
     }
 }

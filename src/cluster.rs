@@ -21,11 +21,11 @@ use keel_storage::model::Command;
 use keel_storage::model::Request;
 use keel_storage::model::Response;
 use openraft::ReadPolicy;
-use openraft::type_config::async_runtime::watch::WatchReceiver;
 use openraft::ServerState;
 use openraft::errors::ClientWriteError;
 use openraft::errors::LinearizableReadError;
 use openraft::errors::RaftError;
+use openraft::type_config::async_runtime::watch::WatchReceiver;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -152,7 +152,10 @@ impl Cluster {
             .map_err(|_| {
                 ApiError::unavailable(
                     "no_leader",
-                    format!("no leader elected within {} ms; retry later", self.inner.timeout.as_millis()),
+                    format!(
+                        "no leader elected within {} ms; retry later",
+                        self.inner.timeout.as_millis()
+                    ),
                 )
             })?;
         Ok(m.current_leader.expect("waited for a leader"))
@@ -161,7 +164,10 @@ impl Cluster {
     fn raft_addr_of(&self, id: u64) -> Option<String> {
         let m = self.inner.raft.metrics();
         let m = m.borrow_watched();
-        m.membership_config.membership().get_node(&id).map(|n| n.raft_addr.clone())
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.raft_addr.clone())
     }
 
     /// Proposes `command` through the leader and returns the log index it
@@ -175,17 +181,29 @@ impl Cluster {
         loop {
             let leader = self.leader(deadline).await?;
             if leader == self.inner.node_id {
-                match self.inner.raft.client_write(req.clone()).await {
-                    Ok(r) => return Ok((r.log_id.index, r.data)),
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {}
-                    Err(e) => return Err(outcome_unknown(e)),
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                // A leader cut off from its quorum would wait forever for the
+                // commit; the deadline turns that into a clear 503.
+                match tokio::time::timeout(remaining, self.inner.raft.client_write(req.clone())).await {
+                    Err(_) => return Err(outcome_unknown("not committed before the request timeout")),
+                    Ok(Ok(r)) => return Ok((r.log_id.index, r.data)),
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {}
+                    Ok(Err(e)) => return Err(outcome_unknown(e)),
                 }
             } else {
                 let Some(addr) = self.raft_addr_of(leader) else {
-                    return Err(ApiError::unavailable("no_leader", format!("leader {leader} has no known address")));
+                    return Err(ApiError::unavailable(
+                        "no_leader",
+                        format!("leader {leader} has no known address"),
+                    ));
                 };
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                match self.inner.pool.call(leader, &addr, wire::PATH_FORWARD_WRITE, &req, remaining).await {
+                match self
+                    .inner
+                    .pool
+                    .call(leader, &addr, wire::PATH_FORWARD_WRITE, &req, remaining)
+                    .await
+                {
                     Ok(wire::ForwardReply::Applied { index, response }) => return Ok((index, response)),
                     Ok(wire::ForwardReply::NotLeader { .. }) => {}
                     Ok(wire::ForwardReply::Failed(m)) => return Err(outcome_unknown(m)),
@@ -213,14 +231,20 @@ impl Cluster {
             let leader = self.leader(deadline).await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if leader == self.inner.node_id {
-                match tokio::time::timeout(remaining, self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+                match tokio::time::timeout(remaining, self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await
+                {
                     Err(_) => return Err(too_slow()),
                     Ok(Ok(_)) => return Ok(()),
                     Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_)))) => {}
                     Ok(Err(e)) => return Err(ApiError::unavailable("no_quorum", e.to_string())),
                 }
             } else if let Some(addr) = self.raft_addr_of(leader) {
-                match self.inner.pool.call(leader, &addr, wire::PATH_READ_INDEX, &(), remaining).await {
+                match self
+                    .inner
+                    .pool
+                    .call(leader, &addr, wire::PATH_READ_INDEX, &(), remaining)
+                    .await
+                {
                     Ok(wire::ReadIndexReply::Ready { index }) => {
                         let mut w = self.inner.reader.watch_applied();
                         let remaining = deadline.saturating_duration_since(Instant::now());

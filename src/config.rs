@@ -220,7 +220,9 @@ pub fn parse_members(s: &str) -> anyhow::Result<Vec<MemberAddr>> {
                 .split_once('/')
                 .ok_or_else(|| anyhow!("initial member {part:?}: expected ID=RAFT_ADDR/API_ADDR"))?;
             Ok(MemberAddr {
-                id: id.parse().with_context(|| format!("initial member {part:?}: node id is not a number"))?,
+                id: id
+                    .parse()
+                    .with_context(|| format!("initial member {part:?}: node id is not a number"))?,
                 raft_addr: raft_addr.to_string(),
                 api_addr: api_addr.to_string(),
             })
@@ -244,7 +246,9 @@ fn check_advertised(key: &str, addr: &str) -> anyhow::Result<()> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>()
         && ip.is_unspecified()
     {
-        bail!("{key} = {addr:?}: an unspecified address cannot be reached by other nodes; advertise a routable address");
+        bail!(
+            "{key} = {addr:?}: an unspecified address cannot be reached by other nodes; advertise a routable address"
+        );
     }
     Ok(())
 }
@@ -273,7 +277,11 @@ impl Config {
         if node_id == 0 {
             bail!("node_id must be at least 1");
         }
-        let cluster_name = a.cluster_name.clone().or(f.cluster_name).unwrap_or_else(|| "keel".into());
+        let cluster_name = a
+            .cluster_name
+            .clone()
+            .or(f.cluster_name)
+            .unwrap_or_else(|| "keel".into());
         if cluster_name.is_empty() || cluster_name.len() > 64 {
             bail!("cluster_name must be 1-64 characters");
         }
@@ -282,8 +290,16 @@ impl Config {
             .clone()
             .or(f.data_dir)
             .ok_or_else(|| anyhow!("data_dir is required"))?;
-        let api_listen_s = a.api_listen.clone().or(f.api_listen).unwrap_or_else(|| "127.0.0.1:7001".into());
-        let raft_listen_s = a.raft_listen.clone().or(f.raft_listen).unwrap_or_else(|| "127.0.0.1:7101".into());
+        let api_listen_s = a
+            .api_listen
+            .clone()
+            .or(f.api_listen)
+            .unwrap_or_else(|| "127.0.0.1:7001".into());
+        let raft_listen_s = a
+            .raft_listen
+            .clone()
+            .or(f.raft_listen)
+            .unwrap_or_else(|| "127.0.0.1:7101".into());
         let api_listen = parse_listen("api_listen", &api_listen_s)?;
         let raft_listen = parse_listen("raft_listen", &raft_listen_s)?;
         let api_advertise = a.api_advertise.clone().or(f.api_advertise).unwrap_or(api_listen_s);
@@ -320,8 +336,14 @@ impl Config {
         }
         let insecure = a.insecure.or(f.insecure).unwrap_or(false);
         let heartbeat_ms = a.heartbeat_ms.or(f.raft.heartbeat_ms).unwrap_or(100);
-        let emin = a.election_timeout_min_ms.or(f.raft.election_timeout_min_ms).unwrap_or(1000);
-        let emax = a.election_timeout_max_ms.or(f.raft.election_timeout_max_ms).unwrap_or(2000);
+        let emin = a
+            .election_timeout_min_ms
+            .or(f.raft.election_timeout_min_ms)
+            .unwrap_or(1000);
+        let emax = a
+            .election_timeout_max_ms
+            .or(f.raft.election_timeout_max_ms)
+            .unwrap_or(2000);
         if heartbeat_ms == 0 || emin <= heartbeat_ms || emax <= emin {
             bail!(
                 "raft timing: need 0 < heartbeat_ms ({heartbeat_ms}) < election_timeout_min_ms ({emin}) < election_timeout_max_ms ({emax})"
@@ -400,8 +422,10 @@ mod tests {
             "node_id = 2\ndata_dir = \"x\"\ninsecure = true\napi_listen = \"127.0.0.1:9000\"\n[raft]\nheartbeat_ms = 50\n",
         )
         .unwrap();
-        let mut a = ServeArgs::default();
-        a.node_id = Some(7);
+        let a = ServeArgs {
+            node_id: Some(7),
+            ..Default::default()
+        };
         let c = Config::merge(&a, file).unwrap();
         assert_eq!(c.node_id, 7);
         assert_eq!(c.api_listen.port(), 9000);
@@ -441,7 +465,25 @@ mod tests {
         assert!(parse_members("1=nope").is_err());
         let mut a = base();
         a.initial_members = Some("2=h:1/h:2,2=h:3/h:4".into());
-        assert!(Config::merge(&a, FileConfig::default()).unwrap_err().to_string().contains("twice"));
+        assert!(
+            Config::merge(&a, FileConfig::default())
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/node1.toml");
+        let c = Config::load(&ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.initial_members.len(), 3);
+        assert_eq!(c.api_advertise, "node1.example:7001");
+        assert!(c.tls.is_some());
     }
 
     #[test]
@@ -449,6 +491,11 @@ mod tests {
         let mut a = base();
         a.heartbeat_ms = Some(500);
         a.election_timeout_min_ms = Some(400);
-        assert!(Config::merge(&a, FileConfig::default()).unwrap_err().to_string().contains("heartbeat_ms"));
+        assert!(
+            Config::merge(&a, FileConfig::default())
+                .unwrap_err()
+                .to_string()
+                .contains("heartbeat_ms")
+        );
     }
 }

@@ -197,7 +197,13 @@ pub async fn run(nodes: u64, dir: &Path) -> anyhow::Result<()> {
     let leader = wait_for_leader(&file, Duration::from_secs(90)).await;
     println!("keel dev cluster {cluster_name:?} ({nodes} nodes) in {}", dir.display());
     for n in &file.nodes {
-        println!("  node {}: https://{}  (pid {}, log {})", n.id, n.api_addr, n.pid, dir.join(format!("node-{}/keel.log", n.id)).display());
+        println!(
+            "  node {}: https://{}  (pid {}, log {})",
+            n.id,
+            n.api_addr,
+            n.pid,
+            dir.join(format!("node-{}/keel.log", n.id)).display()
+        );
     }
     match leader {
         Ok(l) => println!("leader: node {l}"),

@@ -8,7 +8,11 @@ use keel::config::Config;
 use keel::config::ServeArgs;
 
 #[derive(Parser)]
-#[command(name = "keel", version, about = "A Raft-replicated control plane for LLM inference gateways")]
+#[command(
+    name = "keel",
+    version,
+    about = "A Raft-replicated control plane for LLM inference gateways"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -17,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Generate certificates (CA, node, client, admin).
     #[command(subcommand)]
     Cert(CertCmd),
@@ -93,8 +97,11 @@ enum CertCmd {
 }
 
 fn init_logging(json: bool, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

@@ -172,7 +172,10 @@ async fn bootstrap(config: &Config, raft: &Raft, pristine: bool) -> anyhow::Resu
         );
     }
     if *first != config.node_id {
-        tracing::info!(initializer = first, "waiting for the initial member with the lowest id to form the cluster");
+        tracing::info!(
+            initializer = first,
+            "waiting for the initial member with the lowest id to form the cluster"
+        );
         return Ok(());
     }
     let members: std::collections::BTreeMap<u64, KeelNode> = config

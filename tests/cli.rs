@@ -24,7 +24,15 @@ fn run(cmd: &mut Command) -> (bool, String) {
 fn serve_refuses_an_unspecified_advertised_address() {
     let td = tempfile::tempdir().unwrap();
     let (ok, err) = run(keel()
-        .args(["serve", "--node-id", "1", "--insecure", "--api-listen", "0.0.0.0:7001", "--data-dir"])
+        .args([
+            "serve",
+            "--node-id",
+            "1",
+            "--insecure",
+            "--api-listen",
+            "0.0.0.0:7001",
+            "--data-dir",
+        ])
         .arg(td.path()));
     assert!(!ok);
     assert!(err.contains("api_advertise") && err.contains("unspecified"), "{err}");
@@ -91,7 +99,13 @@ async fn dev_cluster_starts_three_nodes_and_stops_them_on_ctrl_c() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(cf.nodes.len(), 3);
-    for p in [&cf.ca_cert, &cf.client_cert, &cf.client_key, &cf.admin_cert, &cf.admin_key] {
+    for p in [
+        &cf.ca_cert,
+        &cf.client_cert,
+        &cf.client_key,
+        &cf.admin_cert,
+        &cf.admin_key,
+    ] {
         assert!(p.is_absolute() && p.exists(), "{}", p.display());
     }
     let client = common::http_client(&dir.join("certs"), "client-dev.pem", "client-dev-key.pem");

@@ -43,7 +43,10 @@ async fn three_nodes_elect_one_leader_and_serve_writes_through_a_follower() {
         .map(|i| {
             let c = &c;
             async move {
-                let r = c.put(follower, &format!("bulk/{i:04}"), &json!({"n": i})).await.expect("transport");
+                let r = c
+                    .put(follower, &format!("bulk/{i:04}"), &json!({"n": i}))
+                    .await
+                    .expect("transport");
                 r.status
             }
         })
@@ -77,7 +80,11 @@ async fn three_nodes_elect_one_leader_and_serve_writes_through_a_follower() {
         assert!(put.status == 200 || put.status == 201, "{put:?}");
         let got = c.get(r, "ryw", false).await.unwrap();
         assert_eq!(got.status, 200);
-        assert_eq!(got.body["value"], json!(i), "node {r} missed the write acknowledged by node {w}");
+        assert_eq!(
+            got.body["value"],
+            json!(i),
+            "node {r} missed the write acknowledged by node {w}"
+        );
     }
     c.assert_converged(&[1, 2, 3]).await;
 }
@@ -147,7 +154,12 @@ async fn wait_progress(c: &TestCluster, node: u64, n: u64) {
 async fn assert_all_present(c: &TestCluster, node: u64, acked: &BTreeMap<String, Value>) {
     let items = c.list(node, "load/", false).await;
     let missing: Vec<&String> = acked.keys().filter(|k| !items.contains_key(*k)).collect();
-    assert!(missing.is_empty(), "node {node} lost {} acknowledged writes, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "node {node} lost {} acknowledged writes, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
     for (k, v) in acked {
         assert_eq!(&items[k], v, "node {node} has a different value for {k}");
     }
@@ -166,7 +178,10 @@ async fn leader_kill_during_writes_loses_no_acknowledged_write() {
     let killed_at = Instant::now();
     let new = c.wait_leader_among(&followers).await;
     assert_ne!(new, old);
-    assert!(c.status(new).await.unwrap().term > old_term, "a new leader needs a new term");
+    assert!(
+        c.status(new).await.unwrap().term > old_term,
+        "a new leader needs a new term"
+    );
     // Writes flow again under the new leader.
     wait_progress(&c, followers[0], 200).await;
     let (acked, failed) = load.finish().await;
@@ -200,7 +215,11 @@ async fn kill_all_nodes_mid_load_then_restart_keeps_every_acknowledged_write() {
         c.kill(id);
     }
     let (acked, _) = load.finish().await;
-    assert!(acked.len() >= 250, "too few acknowledged writes before the crash: {}", acked.len());
+    assert!(
+        acked.len() >= 250,
+        "too few acknowledged writes before the crash: {}",
+        acked.len()
+    );
     for id in 1..=3 {
         c.spawn(id);
     }
@@ -209,4 +228,37 @@ async fn kill_all_nodes_mid_load_then_restart_keeps_every_acknowledged_write() {
         assert_all_present(&c, id, &acked).await;
     }
     c.assert_converged(&[1, 2, 3]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_quorum_requests_fail_fast_with_503_and_retry_after() {
+    let c = TestCluster::start_with(3, &["--request-timeout-ms=2000"]);
+    let leader = c.wait_leader().await;
+    assert_eq!(c.put(leader, "before", &json!(1)).await.unwrap().status, 201);
+    // Leave the leader alone: it can no longer commit anything.
+    for id in (1..=3).filter(|i| *i != leader) {
+        c.kill(id);
+    }
+    for (what, path, put) in [
+        ("write", "/v1/kv/after", true),
+        ("linearizable read", "/v1/kv/before", false),
+    ] {
+        let started = Instant::now();
+        let req = if put {
+            c.client.put(c.url(leader, path)).json(&json!(2))
+        } else {
+            c.client.get(c.url(leader, path))
+        };
+        let r = req.send().await.expect("an answer, not a hang");
+        let elapsed = started.elapsed();
+        assert_eq!(r.status(), 503, "{what}");
+        assert!(r.headers().contains_key("retry-after"), "{what}: no Retry-After");
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error"]["code"].is_string(), "{what}: {body}");
+        // Bounded by the 2 s request timeout; 20 s leaves room for a busy machine.
+        assert!(elapsed < Duration::from_secs(20), "{what} took {elapsed:?}");
+    }
+    // A stale read is still served locally.
+    let r = c.get(leader, "before", true).await.unwrap();
+    assert_eq!(r.status, 200);
 }

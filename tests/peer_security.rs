@@ -59,12 +59,18 @@ async fn probe(addr: &str, tls: Option<Arc<rustls::ClientConfig>>, cluster: &str
                     .connect(name, tcp)
                     .await
                     .map_err(|e| format!("tls: {e}"))?;
-                let (mut send, conn) = builder.handshake(TokioIo::new(s)).await.map_err(|e| format!("h2: {e}"))?;
+                let (mut send, conn) = builder
+                    .handshake(TokioIo::new(s))
+                    .await
+                    .map_err(|e| format!("h2: {e}"))?;
                 tokio::spawn(conn);
                 send.send_request(req).await.map_err(|e| format!("request: {e}"))?
             }
             None => {
-                let (mut send, conn) = builder.handshake(TokioIo::new(tcp)).await.map_err(|e| format!("h2: {e}"))?;
+                let (mut send, conn) = builder
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| format!("h2: {e}"))?;
                 tokio::spawn(conn);
                 send.send_request(req).await.map_err(|e| format!("request: {e}"))?
             }
@@ -89,27 +95,57 @@ async fn peer_port_refuses_everything_but_the_node_it_claims_to_be() {
 
     // Control: a genuine node certificate reaches the Raft handler, which
     // rejects the garbage body with 400. This proves the probe can succeed.
-    let ok = probe(&addr, Some(material(&certs, "node-2.pem", "node-2-key.pem")), &c.cluster_name, 2).await;
+    let ok = probe(
+        &addr,
+        Some(material(&certs, "node-2.pem", "node-2-key.pem")),
+        &c.cluster_name,
+        2,
+    )
+    .await;
     assert_eq!(ok, Ok(400), "a real node certificate must reach the peer handler");
 
     // A node claiming another node's id: refused by the identity check.
-    let spoof = probe(&addr, Some(material(&certs, "node-2.pem", "node-2-key.pem")), &c.cluster_name, 3).await;
+    let spoof = probe(
+        &addr,
+        Some(material(&certs, "node-2.pem", "node-2-key.pem")),
+        &c.cluster_name,
+        3,
+    )
+    .await;
     assert_eq!(spoof, Ok(403), "node 2 claiming to be node 3");
 
     // A right certificate but the wrong cluster name.
-    let wrong_cluster = probe(&addr, Some(material(&certs, "node-2.pem", "node-2-key.pem")), "another", 2).await;
+    let wrong_cluster = probe(
+        &addr,
+        Some(material(&certs, "node-2.pem", "node-2-key.pem")),
+        "another",
+        2,
+    )
+    .await;
     assert_eq!(wrong_cluster, Ok(412));
 
     let refused = [
-        ("client certificate of the same CA", Some(material(&certs, "client-dev.pem", "client-dev-key.pem"))),
-        ("admin certificate of the same CA", Some(material(&certs, "admin-dev.pem", "admin-dev-key.pem"))),
-        ("node certificate of another CA", Some(material(&other, "node-2.pem", "node-2-key.pem"))),
+        (
+            "client certificate of the same CA",
+            Some(material(&certs, "client-dev.pem", "client-dev-key.pem")),
+        ),
+        (
+            "admin certificate of the same CA",
+            Some(material(&certs, "admin-dev.pem", "admin-dev-key.pem")),
+        ),
+        (
+            "node certificate of another CA",
+            Some(material(&other, "node-2.pem", "node-2-key.pem")),
+        ),
         ("no client certificate", Some(no_client_cert(&certs))),
         ("plaintext HTTP/2", None),
     ];
     for (what, tls) in refused {
         let r = probe(&addr, tls, &c.cluster_name, 2).await;
-        assert!(r.is_err(), "{what}: expected the connection to be refused, got HTTP {r:?}");
+        assert!(
+            r.is_err(),
+            "{what}: expected the connection to be refused, got HTTP {r:?}"
+        );
     }
 
     // The node still works after all that.

@@ -8,13 +8,15 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use http_body_util::Full;
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::StatusCode;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::TokioExecutor;
@@ -23,6 +25,8 @@ use keel_storage::KeelNode;
 use keel_storage::NodeId;
 use keel_storage::SnapshotFile;
 use keel_storage::TypeConfig;
+use openraft::base::BoxFuture;
+use openraft::base::BoxStream;
 use openraft::errors::NetworkError;
 use openraft::errors::RPCError;
 use openraft::errors::ReplicationClosed;
@@ -34,6 +38,7 @@ use openraft::network::v2::RaftNetworkV2;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
@@ -49,7 +54,7 @@ use crate::tls::Identity;
 use crate::wire;
 
 /// Body type of every outgoing peer request.
-pub type ReqBody = BoxBody<Bytes, io::Error>;
+pub type ReqBody = UnsyncBoxBody<Bytes, io::Error>;
 
 /// Why a peer call failed.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +130,12 @@ struct PoolInner {
 impl PeerPool {
     /// A pool for node `self_id` of `cluster`; `tls` is `None` only in
     /// insecure mode.
-    pub fn new(self_id: NodeId, cluster: &str, tls: Option<Arc<rustls::ClientConfig>>, hooks: Arc<dyn NetHooks>) -> Self {
+    pub fn new(
+        self_id: NodeId,
+        cluster: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        hooks: Arc<dyn NetHooks>,
+    ) -> Self {
         Self {
             inner: Arc::new(PoolInner {
                 self_id,
@@ -138,7 +148,13 @@ impl PeerPool {
     }
 
     fn slot(&self, target: NodeId) -> Arc<Mutex<Slot>> {
-        self.inner.slots.lock().expect("pool lock poisoned").entry(target).or_default().clone()
+        self.inner
+            .slots
+            .lock()
+            .expect("pool lock poisoned")
+            .entry(target)
+            .or_default()
+            .clone()
     }
 
     /// Drops the connection to `target` (e.g. after its address changed).
@@ -228,7 +244,32 @@ impl PeerPool {
         Ok(sender)
     }
 
-    /// Sends one request to `target` and returns status and body.
+    /// Sends one request to `target` and returns the response once its
+    /// headers arrived (within `timeout`); the body streams on.
+    pub async fn send(
+        &self,
+        target: NodeId,
+        addr: &str,
+        path: &'static str,
+        body: ReqBody,
+        timeout: Duration,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, PeerError> {
+        let mut sender = self.sender(target, addr).await?;
+        let failed = |why: String| PeerError::Failed { target, path, why };
+        let req = hyper::Request::post(format!("http://{addr}{path}"))
+            .header(hyper::header::CONTENT_TYPE, wire::CONTENT_TYPE)
+            .header(wire::HDR_CLUSTER, &self.inner.cluster)
+            .header(wire::HDR_FROM, self.inner.self_id.to_string())
+            .body(body)
+            .map_err(|e| failed(e.to_string()))?;
+        match tokio::time::timeout(timeout, sender.send_request(req)).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(failed(e.to_string())),
+            Err(_) => Err(failed(format!("no answer within {timeout:?}"))),
+        }
+    }
+
+    /// Sends one request to `target` and returns status and whole body.
     pub async fn call_raw(
         &self,
         target: NodeId,
@@ -238,16 +279,9 @@ impl PeerPool {
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), PeerError> {
         let start = Instant::now();
-        let mut sender = self.sender(target, addr).await?;
         let failed = |why: String| PeerError::Failed { target, path, why };
-        let req = hyper::Request::post(format!("http://{addr}{path}"))
-            .header(hyper::header::CONTENT_TYPE, wire::CONTENT_TYPE)
-            .header(wire::HDR_CLUSTER, &self.inner.cluster)
-            .header(wire::HDR_FROM, self.inner.self_id.to_string())
-            .body(body)
-            .map_err(|e| failed(e.to_string()))?;
         let work = async {
-            let resp = sender.send_request(req).await.map_err(|e| failed(e.to_string()))?;
+            let resp = self.send(target, addr, path, body, timeout).await?;
             let status = resp.status();
             let body = http_body_util::Limited::new(resp.into_body(), wire::MAX_MESSAGE)
                 .collect()
@@ -296,7 +330,9 @@ impl PeerPool {
 
 /// A complete request body.
 pub fn full(bytes: Vec<u8>) -> ReqBody {
-    Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed()
+    Full::new(Bytes::from(bytes))
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// Hands openraft one [`PeerNetwork`] per target.
@@ -338,7 +374,87 @@ impl PeerNetwork {
         msg: &Req,
         option: &RPCOption,
     ) -> Result<Resp, PeerError> {
-        self.pool.call(self.target, &self.addr, path, msg, option.hard_ttl()).await
+        self.pool
+            .call(self.target, &self.addr, path, msg, option.hard_ttl())
+            .await
+    }
+}
+
+/// Results of a pipelined append stream, in request order.
+type AppendResults = BoxStream<'static, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>;
+
+impl PeerNetwork {
+    /// Opens one HTTP/2 stream to the peer carrying every request of `input`
+    /// back to back, without waiting for earlier answers (pipelining); the
+    /// peer answers each, in order, on the same stream as it flushes them.
+    async fn open_append_stream<S>(&self, input: S, option: RPCOption) -> Result<AppendResults, RPCError<TypeConfig>>
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        use futures::StreamExt;
+        let net = |e: String| RPCError::Network(NetworkError::from_string(e));
+        // Requests sent but not yet answered: a silent peer is an error only
+        // while something is outstanding.
+        let pending = Arc::new(AtomicU64::new(0));
+        let sent = pending.clone();
+        let frames = input.map(move |req| {
+            sent.fetch_add(1, Ordering::Relaxed);
+            wire::frame(&req).map(hyper::body::Frame::data)
+        });
+        let body = http_body_util::StreamBody::new(frames).boxed_unsync();
+        let ttl = option.hard_ttl();
+        let resp = self
+            .pool
+            .send(self.target, &self.addr, wire::PATH_STREAM_APPEND, body, ttl)
+            .await
+            .map_err(PeerError::into_rpc)?;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status();
+            let text = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return Err(net(format!(
+                "stream-append refused: {status}: {}",
+                String::from_utf8_lossy(&text)
+            )));
+        }
+        let state = (resp.into_body(), wire::FrameReader::default(), pending, false);
+        let results = futures::stream::unfold(state, move |(mut body, mut reader, pending, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                match reader.next_message::<StreamAppendResult<TypeConfig>>() {
+                    Ok(Some(r)) => {
+                        pending.fetch_sub(1, Ordering::Relaxed);
+                        return Some((Ok(r), (body, reader, pending, false)));
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Some((Err(net(e.to_string())), (body, reader, pending, true))),
+                }
+                let next = match tokio::time::timeout(ttl, body.frame()).await {
+                    Ok(f) => f,
+                    Err(_) if pending.load(Ordering::Relaxed) == 0 => continue,
+                    Err(_) => {
+                        let e = net(format!("no append result within {ttl:?}"));
+                        return Some((Err(e), (body, reader, pending, true)));
+                    }
+                };
+                match next {
+                    None => return None,
+                    Some(Err(e)) => return Some((Err(net(e.to_string())), (body, reader, pending, true))),
+                    Some(Ok(f)) => {
+                        if let Ok(d) = f.into_data() {
+                            reader.push(&d);
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(results))
     }
 }
 
@@ -353,7 +469,26 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.rpc(wire::PATH_APPEND, &rpc, &option).await.map_err(PeerError::into_rpc)
+        self.rpc(wire::PATH_APPEND, &rpc, &option)
+            .await
+            .map_err(PeerError::into_rpc)
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let results: BoxStream<'s, _> = self.open_append_stream(input, option).await?;
+            Ok(results)
+        })
     }
 
     async fn vote(
@@ -361,7 +496,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.rpc(wire::PATH_VOTE, &rpc, &option).await.map_err(PeerError::into_rpc)
+        self.rpc(wire::PATH_VOTE, &rpc, &option)
+            .await
+            .map_err(PeerError::into_rpc)
     }
 
     async fn pre_vote(
@@ -369,7 +506,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.rpc(wire::PATH_PRE_VOTE, &rpc, &option).await.map_err(PeerError::into_rpc)
+        self.rpc(wire::PATH_PRE_VOTE, &rpc, &option)
+            .await
+            .map_err(PeerError::into_rpc)
     }
 
     async fn transfer_leader(
@@ -377,7 +516,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.rpc(wire::PATH_TRANSFER_LEADER, &req, &option).await.map_err(PeerError::into_rpc)
+        self.rpc(wire::PATH_TRANSFER_LEADER, &req, &option)
+            .await
+            .map_err(PeerError::into_rpc)
     }
 
     async fn full_snapshot(
@@ -424,10 +565,12 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                 }
             }
         });
-        let body = http_body_util::StreamBody::new(tokio_stream_from(rx)).boxed();
+        let body = http_body_util::StreamBody::new(tokio_stream_from(rx)).boxed_unsync();
         // Our own deadline: generous for the size (at least 1 MB/s) but finite.
         let deadline = Duration::from_secs(30) + Duration::from_secs(len / (1 << 20));
-        let call = self.pool.call_raw(self.target, &self.addr, wire::PATH_SNAPSHOT, body, deadline);
+        let call = self
+            .pool
+            .call_raw(self.target, &self.addr, wire::PATH_SNAPSHOT, body, deadline);
         let res = tokio::select! {
             closed = cancel => {
                 producer.abort();

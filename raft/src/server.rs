@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::Request;
 use hyper::Response;
 use hyper::StatusCode;
@@ -20,10 +21,10 @@ use keel_storage::SnapshotFile;
 use keel_storage::TypeConfig;
 use keel_storage::snapshot::format::StreamVerifier;
 use openraft::ReadPolicy;
-use openraft::type_config::async_runtime::watch::WatchReceiver;
 use openraft::errors::ClientWriteError;
 use openraft::errors::LinearizableReadError;
 use openraft::errors::RaftError;
+use openraft::type_config::async_runtime::watch::WatchReceiver;
 use tokio::io::AsyncWriteExt;
 
 use crate::Raft;
@@ -48,10 +49,10 @@ pub struct PeerService {
     pub hooks: Arc<dyn NetHooks>,
 }
 
-type Resp = Response<Full<Bytes>>;
+type Resp = Response<UnsyncBoxBody<Bytes, io::Error>>;
 
 fn reply(status: StatusCode, body: impl Into<Bytes>) -> Resp {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed_unsync());
     *r.status_mut() = status;
     r
 }
@@ -76,39 +77,42 @@ impl PeerService {
     /// Handles one request from the connection described by `conn`.
     pub async fn handle(self: Arc<Self>, conn: ConnInfo, req: Request<Incoming>) -> Result<Resp, Infallible> {
         Ok(match self.check(&conn, &req) {
-            Err(r) => r,
+            Err(r) => *r,
             Ok(from) => self.route(from, req).await,
         })
     }
 
     /// Checks cluster name and sender identity; returns the sender's id.
-    fn check(&self, conn: &ConnInfo, req: &Request<Incoming>) -> Result<NodeId, Resp> {
+    fn check(&self, conn: &ConnInfo, req: &Request<Incoming>) -> Result<NodeId, Box<Resp>> {
         if req.method() != hyper::Method::POST {
-            return Err(reply(StatusCode::METHOD_NOT_ALLOWED, "peer routes take POST"));
+            return Err(Box::new(reply(StatusCode::METHOD_NOT_ALLOWED, "peer routes take POST")));
         }
         let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
         match header(wire::HDR_CLUSTER) {
             Some(c) if c == self.cluster => {}
             other => {
                 tracing::warn!(remote = %conn.remote, claimed = ?other, "peer request from another cluster refused");
-                return Err(reply(
+                return Err(Box::new(reply(
                     StatusCode::PRECONDITION_FAILED,
-                    format!("cluster mismatch: this node belongs to {:?}, request claims {other:?}", self.cluster),
-                ));
+                    format!(
+                        "cluster mismatch: this node belongs to {:?}, request claims {other:?}",
+                        self.cluster
+                    ),
+                )));
             }
         }
         let from: NodeId = header(wire::HDR_FROM)
             .and_then(|v| v.parse().ok())
-            .ok_or_else(|| reply(StatusCode::BAD_REQUEST, "missing or malformed x-keel-from"))?;
+            .ok_or_else(|| Box::new(reply(StatusCode::BAD_REQUEST, "missing or malformed x-keel-from")))?;
         if !self.insecure {
             match &conn.identity {
                 Some(Identity::Node(id)) if *id == from => {}
                 other => {
                     tracing::warn!(remote = %conn.remote, claimed = from, cert = ?other, "peer identity mismatch refused");
-                    return Err(reply(
+                    return Err(Box::new(reply(
                         StatusCode::FORBIDDEN,
                         format!("certificate identity {other:?} does not match claimed node {from}"),
-                    ));
+                    )));
                 }
             }
         }
@@ -125,6 +129,10 @@ impl PeerService {
                 },
                 Err(r) => r,
             },
+            wire::PATH_STREAM_APPEND => {
+                tracing::debug!(from, "append stream opened");
+                self.stream_append(req)
+            }
             wire::PATH_VOTE => match read_msg(req).await {
                 Ok(m) => match self.raft.vote(m).await {
                     Ok(r) => ok_msg(&r),
@@ -160,6 +168,45 @@ impl PeerService {
             },
             other => reply(StatusCode::NOT_FOUND, format!("no peer route {other}")),
         }
+    }
+
+    /// Pipelined appends: requests arrive as frames on one stream and are
+    /// handed to openraft as they come; each result goes back, in order, as
+    /// soon as the entries are flushed.
+    fn stream_append(&self, req: Request<Incoming>) -> Resp {
+        use futures::StreamExt;
+        let input = futures::stream::unfold(
+            (req.into_body(), wire::FrameReader::default()),
+            |(mut body, mut reader)| async move {
+                loop {
+                    match reader.next_message::<openraft::raft::AppendEntriesRequest<TypeConfig>>() {
+                        Ok(Some(r)) => return Some((r, (body, reader))),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "malformed append stream");
+                            return None;
+                        }
+                    }
+                    match body.frame().await {
+                        None => return None,
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "append stream closed by peer");
+                            return None;
+                        }
+                        Some(Ok(f)) => {
+                            if let Ok(d) = f.into_data() {
+                                reader.push(&d);
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        let results = self.raft.stream_append(input).map(|item| match item {
+            Ok(r) => wire::frame(&r).map(hyper::body::Frame::data),
+            Err(fatal) => Err(io::Error::other(format!("raft stopped: {fatal}"))),
+        });
+        Response::new(http_body_util::StreamBody::new(results).boxed_unsync())
     }
 
     async fn forward_write(&self, req: wire::ForwardWrite) -> wire::ForwardReply {
@@ -227,7 +274,9 @@ impl PeerService {
                 data = &pending;
             }
             if let Some((_, f)) = file.as_mut() {
-                verifier.feed(data).map_err(|e| bad(format!("snapshot chunk rejected: {e}")))?;
+                verifier
+                    .feed(data)
+                    .map_err(|e| bad(format!("snapshot chunk rejected: {e}")))?;
                 f.write_all(data).await?;
                 received += data.len() as u64;
                 self.hooks.snapshot_bytes(false, data.len() as u64);
@@ -266,7 +315,10 @@ impl PeerService {
     /// one that contradicts what this node has committed.
     fn check_installable(&self, env: &wire::SnapshotEnvelope) -> io::Result<()> {
         let Some(last) = &env.meta.last_log_id else {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot without a last log id"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "snapshot without a last log id",
+            ));
         };
         if last.leader_id > env.vote.leader_id {
             return Err(io::Error::new(
@@ -274,7 +326,7 @@ impl PeerService {
                 format!("snapshot last log id {last} is beyond the sender's vote {}", env.vote),
             ));
         }
-        let committed = self.raft.metrics().borrow_watched().local_committed.clone();
+        let committed = self.raft.metrics().borrow_watched().local_committed;
         if let Some(c) = committed
             && *last > c
             && last.index <= c.index

@@ -24,8 +24,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
-    SignatureScheme, SupportedProtocolVersion,
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme,
+    SupportedProtocolVersion,
 };
 
 /// The protocol versions keel speaks: TLS 1.3 first, then TLS 1.2.
@@ -75,16 +75,10 @@ impl fmt::Display for Identity {
 pub enum TlsError {
     /// A file could not be read.
     #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     /// A file is not well-formed PEM.
     #[error("malformed PEM in {}: {source}", path.display())]
-    Pem {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Pem { path: PathBuf, source: std::io::Error },
     /// A file that should hold certificates holds none.
     #[error("no CERTIFICATE block in {}", path.display())]
     NoCertificate { path: PathBuf },
@@ -93,10 +87,7 @@ pub enum TlsError {
     NoPrivateKey { path: PathBuf },
     /// A CA certificate was rejected as a trust anchor.
     #[error("unusable CA certificate in {}: {source}", path.display())]
-    BadCa {
-        path: PathBuf,
-        source: rustls::Error,
-    },
+    BadCa { path: PathBuf, source: rustls::Error },
     /// The private key cannot be used, or does not belong to the certificate.
     #[error("key {} does not fit certificate {}: {source}", key.display(), cert.display())]
     KeyMismatch {
@@ -161,12 +152,7 @@ impl TlsMaterial {
                 source,
             })
         };
-        Self::from_pem(
-            files,
-            &read(&files.ca)?,
-            &read(&files.cert)?,
-            &read(&files.key)?,
-        )
+        Self::from_pem(files, &read(&files.ca)?, &read(&files.cert)?, &read(&files.key)?)
     }
 
     /// Builds the material from PEM bytes; `files` only names the sources in errors.
@@ -188,12 +174,10 @@ impl TlsMaterial {
             .ok_or_else(|| TlsError::NoPrivateKey {
                 path: files.key.clone(),
             })?;
-        let certified = CertifiedKey::from_der(chain, key_der, &provider).map_err(|source| {
-            TlsError::KeyMismatch {
-                cert: files.cert.clone(),
-                key: files.key.clone(),
-                source,
-            }
+        let certified = CertifiedKey::from_der(chain, key_der, &provider).map_err(|source| TlsError::KeyMismatch {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            source,
         })?;
         Ok(Self {
             provider,
@@ -245,15 +229,10 @@ impl TlsMaterial {
         Ok(Arc::new(config))
     }
 
-    fn server_config(
-        &self,
-        nodes_only: bool,
-        alpn: Vec<Vec<u8>>,
-    ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        let inner =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
-                .build()
-                .map_err(|e| TlsError::Config(e.to_string()))?;
+    fn server_config(&self, nodes_only: bool, alpn: Vec<Vec<u8>>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let inner = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
         let verifier = Arc::new(KeelClientVerifier { inner, nodes_only });
         let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(VERSIONS)
@@ -278,9 +257,7 @@ fn pem_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Tl
             source,
         })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: path.to_owned(),
-        });
+        return Err(TlsError::NoCertificate { path: path.to_owned() });
     }
     Ok(certs)
 }
@@ -315,8 +292,7 @@ impl ClientCertVerifier for KeelClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         // Chain, validity period and clientAuth EKU first; the identity only counts after.
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
         let refuse = |e: TlsError| {
             let e = Arc::new(Refusal(e));
             rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(e)))
@@ -375,8 +351,7 @@ impl std::error::Error for Refusal {}
 /// has two (an ambiguous certificate is never trusted to mean the first one).
 pub fn identity_from_der(der: &[u8]) -> Result<Identity, TlsError> {
     use x509_parser::extensions::GeneralName;
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::Parse(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::Parse(e.to_string()))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| TlsError::Parse(e.to_string()))?;
@@ -396,9 +371,7 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, TlsError> {
         }
         found = Some((uri, identity));
     }
-    found
-        .map(|(_, identity)| identity)
-        .ok_or(TlsError::NoIdentity)
+    found.map(|(_, identity)| identity).ok_or(TlsError::NoIdentity)
 }
 
 /// Parses a URI SAN; `Ok(None)` means it is not a keel URI at all.
@@ -497,16 +470,10 @@ mod tests {
             vec![ClientAuth]
         };
         if expired {
-            (p.not_before, p.not_after) = (
-                rcgen::date_time_ymd(2020, 1, 1),
-                rcgen::date_time_ymd(2021, 1, 1),
-            );
+            (p.not_before, p.not_after) = (rcgen::date_time_ymd(2020, 1, 1), rcgen::date_time_ymd(2021, 1, 1));
         }
         let key = KeyPair::generate().unwrap();
-        (
-            p.signed_by(&key, &ca.0, &ca.1).unwrap().pem(),
-            key.serialize_pem(),
-        )
+        (p.signed_by(&key, &ca.0, &ca.1).unwrap().pem(), key.serialize_pem())
     }
 
     /// Material trusting `trust` and presenting the leaf `(cert, key)`.
@@ -516,13 +483,7 @@ mod tests {
             cert: "me.pem".into(),
             key: "me-key.pem".into(),
         };
-        TlsMaterial::from_pem(
-            &f,
-            trust.0.pem().as_bytes(),
-            cert.as_bytes(),
-            key.as_bytes(),
-        )
-        .unwrap()
+        TlsMaterial::from_pem(&f, trust.0.pem().as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap()
     }
 
     /// A client config with TLS 1.2 only, or with no client certificate at all.
@@ -537,9 +498,7 @@ mod tests {
             .unwrap()
             .with_root_certificates(m.roots.clone());
         Arc::new(match tls12_only {
-            true => {
-                b.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(m.certified.clone())))
-            }
+            true => b.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(m.certified.clone()))),
             false => b.with_no_client_auth(),
         })
     }
@@ -547,10 +506,7 @@ mod tests {
     /// One real handshake over loopback TCP; returns what each side saw. The client only
     /// succeeds once the server's first application bytes arrive, since under TLS 1.3 a
     /// refused client certificate shows on the client side only after its handshake.
-    async fn handshake(
-        server: Arc<rustls::ServerConfig>,
-        client: Arc<rustls::ClientConfig>,
-    ) -> (Side, Side) {
+    async fn handshake(server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig>) -> (Side, Side) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server_task = tokio::spawn(async move {
@@ -568,9 +524,7 @@ mod tests {
             let connect = tokio_rustls::TlsConnector::from(client).connect(name, tcp);
             let mut tls = connect.await.map_err(|e| e.to_string())?;
             let id = server_identity(tls.get_ref().1);
-            tls.read_exact(&mut [0u8; 2])
-                .await
-                .map_err(|e| e.to_string())?;
+            tls.read_exact(&mut [0u8; 2]).await.map_err(|e| e.to_string())?;
             Ok::<_, String>(id)
         };
         let limit = std::time::Duration::from_secs(10);
@@ -579,10 +533,7 @@ mod tests {
         (server_result.unwrap(), client_result)
     }
 
-    async fn refused(
-        server: &Arc<rustls::ServerConfig>,
-        client: Arc<rustls::ClientConfig>,
-    ) -> String {
+    async fn refused(server: &Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig>) -> String {
         let (s, c) = handshake(server.clone(), client).await;
         assert!(c.is_err(), "client should fail, got {c:?}");
         s.expect_err("server should refuse")
@@ -599,15 +550,8 @@ mod tests {
     async fn peer_port_accepts_a_node_and_both_sides_see_identities() {
         let (ca, node1) = cluster();
         let node2 = material(&ca, &leaf(&ca, &["keel://node/2"], false));
-        let seen = handshake(
-            node1.peer_server_config().unwrap(),
-            node2.client_config(true).unwrap(),
-        )
-        .await;
-        assert_eq!(
-            seen,
-            (Ok(Some(Identity::Node(2))), Ok(Some(Identity::Node(1))))
-        );
+        let seen = handshake(node1.peer_server_config().unwrap(), node2.client_config(true).unwrap()).await;
+        assert_eq!(seen, (Ok(Some(Identity::Node(2))), Ok(Some(Identity::Node(1)))));
         assert_eq!(node2.identity().unwrap(), Identity::Node(2));
     }
 
@@ -624,10 +568,7 @@ mod tests {
         }
         // Trusts our CA, so it gets as far as client auth, but presents a node cert from
         // another CA: one with another name, and an impostor with the very same name.
-        for (name, why) in [
-            ("other CA", "UnknownIssuer"),
-            ("keel test CA", "BadSignature"),
-        ] {
+        for (name, why) in [("other CA", "UnknownIssuer"), ("keel test CA", "BadSignature")] {
             let foreign = material(&ca, &leaf(&self::ca(name), &["keel://node/2"], false));
             let err = refused(&server, foreign.client_config(true).unwrap()).await;
             assert!(err.contains(why), "{err}");
@@ -648,17 +589,12 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            tokio_rustls::TlsAcceptor::from(server)
-                .accept(tcp)
-                .await
-                .map(drop)
+            tokio_rustls::TlsAcceptor::from(server).accept(tcp).await.map(drop)
         });
         // Record header, ClientHello header, version 3.2 (TLS 1.1), zero random, no session
         // id, two suites rustls knows, null compression, and a signature_algorithms extension
         // only, so that the version (no supported_versions) is what gets refused.
-        let mut hello = vec![
-            0x16, 0x03, 0x01, 0x00, 0x39, 0x01, 0x00, 0x00, 0x35, 0x03, 0x02,
-        ];
+        let mut hello = vec![0x16, 0x03, 0x01, 0x00, 0x39, 0x01, 0x00, 0x00, 0x35, 0x03, 0x02];
         hello.extend([0u8; 32]);
         hello.extend([0x00, 0x00, 0x04, 0xc0, 0x2b, 0xc0, 0x2f, 0x01, 0x00]);
         hello.extend([0x00, 0x08, 0x00, 0x0d, 0x00, 0x04, 0x00, 0x02, 0x04, 0x03]);
@@ -671,11 +607,7 @@ mod tests {
             .unwrap()
             .unwrap();
         // An alert record (21) carrying protocol_version (70).
-        assert_eq!(
-            (reply.first(), reply.get(6)),
-            (Some(&21), Some(&70)),
-            "{reply:02x?}"
-        );
+        assert_eq!((reply.first(), reply.get(6)), (Some(&21), Some(&70)), "{reply:02x?}");
         let err = task.await.unwrap().unwrap_err().to_string();
         assert!(err.contains("Tls12NotOffered"), "{err}");
     }
@@ -731,10 +663,7 @@ mod tests {
     fn tls13_h2_by_default_and_no_resumption_on_the_peer_port() {
         let (ca, node1) = cluster();
         let m = material(&ca, &leaf(&ca, &["keel://node/2"], false));
-        let (peer, api) = (
-            node1.peer_server_config().unwrap(),
-            node1.api_server_config().unwrap(),
-        );
+        let (peer, api) = (node1.peer_server_config().unwrap(), node1.api_server_config().unwrap());
         let client = m.client_config(false).unwrap();
         let (c, s) = in_memory(&client, &api);
         assert_eq!(s.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
@@ -759,53 +688,24 @@ mod tests {
     fn identities_parse_strictly() {
         let ok = |u: &str| parse_identity_uri(u).unwrap();
         assert_eq!(ok("keel://node/0"), Some(Identity::Node(0)));
-        assert_eq!(
-            ok(&format!("keel://node/{}", u64::MAX)),
-            Some(Identity::Node(u64::MAX))
-        );
-        assert_eq!(
-            ok("keel://client/gw_1.a-b"),
-            Some(Identity::Client("gw_1.a-b".into()))
-        );
+        assert_eq!(ok(&format!("keel://node/{}", u64::MAX)), Some(Identity::Node(u64::MAX)));
+        assert_eq!(ok("keel://client/gw_1.a-b"), Some(Identity::Client("gw_1.a-b".into())));
         assert_eq!(ok("keel://admin/ops"), Some(Identity::Admin("ops".into())));
-        assert_eq!(
-            (ok("https://a.example/x"), ok("spiffe://keel/node/1")),
-            (None, None)
-        );
+        assert_eq!((ok("https://a.example/x"), ok("spiffe://keel/node/1")), (None, None));
         let long = format!("keel://client/{}", "a".repeat(65));
         let bad = "keel://node/ keel://node/01 keel://node/+1 keel://node/1/2 keel://node/x \
                    keel://node/18446744073709551616 keel://client/ keel://client/.. keel://root/x \
                    keel://admin/a/b keel://client/a%20b keel://node keel:node/1 KEEL://node/1";
-        for uri in bad
-            .split_whitespace()
-            .chain([long.as_str(), "keel://client/a b"])
-        {
-            assert!(
-                parse_identity_uri(uri).is_err(),
-                "{uri} should be malformed"
-            );
+        for uri in bad.split_whitespace().chain([long.as_str(), "keel://client/a b"]) {
+            assert!(parse_identity_uri(uri).is_err(), "{uri} should be malformed");
         }
         let ca = ca("keel test CA");
-        let der = |(cert, _): (String, String)| {
-            pem_certs(Path::new("t"), cert.as_bytes())
-                .unwrap()
-                .remove(0)
-        };
-        let two = identity_from_der(&der(leaf(
-            &ca,
-            &["keel://client/x", "keel://node/1"],
-            false,
-        )));
-        assert!(
-            matches!(two, Err(TlsError::AmbiguousIdentity { .. })),
-            "{two:?}"
-        );
+        let der = |(cert, _): (String, String)| pem_certs(Path::new("t"), cert.as_bytes()).unwrap().remove(0);
+        let two = identity_from_der(&der(leaf(&ca, &["keel://client/x", "keel://node/1"], false)));
+        assert!(matches!(two, Err(TlsError::AmbiguousIdentity { .. })), "{two:?}");
         let none = identity_from_der(&der(leaf(&ca, &["https://a.example/"], false)));
         assert!(matches!(none, Err(TlsError::NoIdentity)), "{none:?}");
-        assert!(matches!(
-            identity_from_der(b"junk"),
-            Err(TlsError::Parse(_))
-        ));
+        assert!(matches!(identity_from_der(b"junk"), Err(TlsError::Parse(_))));
     }
 
     #[test]
@@ -815,10 +715,7 @@ mod tests {
             Identity::Client("gw-1".into()),
             Identity::Admin("ops".into()),
         ];
-        let shown: Vec<_> = ids
-            .iter()
-            .map(|i| (i.to_string(), i.node_id(), i.is_admin()))
-            .collect();
+        let shown: Vec<_> = ids.iter().map(|i| (i.to_string(), i.node_id(), i.is_admin())).collect();
         assert_eq!(
             shown,
             [
@@ -844,10 +741,7 @@ mod tests {
             std::fs::write(path, pem).unwrap();
         }
         std::fs::write(dir.join("other-key.pem"), leaf(&ca, &[], false).1).unwrap();
-        assert_eq!(
-            TlsMaterial::load(&f).unwrap().identity().unwrap(),
-            Identity::Node(4)
-        );
+        assert_eq!(TlsMaterial::load(&f).unwrap().identity().unwrap(), Identity::Node(4));
         let err = |f: TlsFiles| TlsMaterial::load(&f).unwrap_err().to_string();
         let missing = err(TlsFiles {
             key: dir.join("absent.pem"),

@@ -15,6 +15,9 @@ use serde::de::DeserializeOwned;
 
 /// Raft AppendEntries.
 pub const PATH_APPEND: &str = "/raft/append";
+/// Pipelined AppendEntries: one long HTTP/2 stream carrying length-prefixed
+/// requests one way and their results, in order, the other.
+pub const PATH_STREAM_APPEND: &str = "/raft/stream-append";
 /// Raft RequestVote.
 pub const PATH_VOTE: &str = "/raft/vote";
 /// Raft pre-vote (an election probe that does not bump terms).
@@ -42,7 +45,9 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 /// Encodes a message.
 pub fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
     use bincode::Options;
-    options().serialize(v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    options()
+        .serialize(v)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Varint integers, little endian, no trailing bytes, bounded allocations.
@@ -57,6 +62,54 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
     options()
         .deserialize(bytes)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("malformed peer message: {e}")))
+}
+
+/// Encodes `v` as one frame of a framed stream: `u32 LE length ++ bincode`.
+pub fn frame<T: Serialize>(v: &T) -> io::Result<bytes::Bytes> {
+    let body = encode(v)?;
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out.into())
+}
+
+/// Splits a byte stream into frames written by [`frame`], keeping at most one
+/// partial frame buffered.
+#[derive(Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// Adds bytes as they arrive.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame's message, if one is buffered.
+    pub fn next_message<T: DeserializeOwned>(&mut self) -> io::Result<Option<T>> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let n = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if n > MAX_MESSAGE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("frame of {n} bytes"),
+            ));
+        }
+        if self.buf.len() < 4 + n {
+            return Ok(None);
+        }
+        let v = decode(&self.buf[4..4 + n])?;
+        self.buf.drain(..4 + n);
+        Ok(Some(v))
+    }
+
+    /// True when no partial frame is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
 }
 
 /// Reply of the leader to a forwarded write.
@@ -114,9 +167,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn frames_split_at_any_byte_boundary() {
+        let mut bytes = Vec::new();
+        for i in 0..50u64 {
+            bytes.extend_from_slice(&frame(&(i, "x".repeat(i as usize))).unwrap());
+        }
+        for step in [1, 3, 7, 64, 4096] {
+            let mut r = FrameReader::default();
+            let mut got = Vec::new();
+            for chunk in bytes.chunks(step) {
+                r.push(chunk);
+                while let Some(v) = r.next_message::<(u64, String)>().unwrap() {
+                    got.push(v.0);
+                }
+            }
+            assert_eq!(got, (0..50).collect::<Vec<_>>());
+            assert!(r.is_empty());
+        }
+        let mut r = FrameReader::default();
+        r.push(&u32::MAX.to_le_bytes());
+        assert!(r.next_message::<u64>().is_err(), "oversized frame must be refused");
+    }
+
+    #[test]
     fn decode_refuses_garbage_and_trailing_bytes() {
         let bytes = encode(&ReadIndexReply::Ready { index: 7 }).unwrap();
-        assert!(matches!(decode::<ReadIndexReply>(&bytes).unwrap(), ReadIndexReply::Ready { index: 7 }));
+        assert!(matches!(
+            decode::<ReadIndexReply>(&bytes).unwrap(),
+            ReadIndexReply::Ready { index: 7 }
+        ));
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(decode::<ReadIndexReply>(&longer).is_err());

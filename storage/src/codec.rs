@@ -17,9 +17,12 @@ pub fn index_key(index: u64) -> [u8; 8] {
 
 /// Decodes a key written by [`index_key`].
 pub fn key_index(key: &[u8]) -> io::Result<u64> {
-    let bytes: [u8; 8] = key
-        .try_into()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("log key of {} bytes, want 8", key.len())))?;
+    let bytes: [u8; 8] = key.try_into().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("log key of {} bytes, want 8", key.len()),
+        )
+    })?;
     Ok(u64::from_be_bytes(bytes))
 }
 
@@ -66,7 +69,10 @@ mod tests {
         assert_eq!(decode::<(u64, String)>(&bytes, "x").unwrap(), v);
         for i in 0..bytes.len() {
             bytes[i] ^= 0x10;
-            assert!(decode::<(u64, String)>(&bytes, "x").is_err(), "flip at byte {i} undetected");
+            assert!(
+                decode::<(u64, String)>(&bytes, "x").is_err(),
+                "flip at byte {i} undetected"
+            );
             bytes[i] ^= 0x10;
         }
         assert!(decode::<u64>(&[1, 2], "x").is_err());

@@ -70,11 +70,7 @@ impl LogStore {
         std::thread::Builder::new()
             .name("keel-log-fsync".into())
             .spawn(move || group_commit(flush_db, rx, flush_hooks))?;
-        Ok(Self {
-            db,
-            flusher: tx,
-            hooks,
-        })
+        Ok(Self { db, flusher: tx, hooks })
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
@@ -124,7 +120,11 @@ impl LogStore {
 
     /// True when this log has never held a vote or an entry (a fresh node).
     pub fn is_pristine(&self) -> io::Result<bool> {
-        let no_entry = self.db.iterator_cf(self.cf(CF_LOGS), IteratorMode::Start).next().is_none();
+        let no_entry = self
+            .db
+            .iterator_cf(self.cf(CF_LOGS), IteratorMode::Start)
+            .next()
+            .is_none();
         Ok(no_entry && self.stored_vote()?.is_none() && self.get_meta::<LogId>(KEY_PURGED)?.is_none())
     }
 
@@ -136,7 +136,10 @@ impl LogStore {
         };
         let from = index_key(start);
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_LOGS), IteratorMode::From(&from, Direction::Forward)) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_LOGS), IteratorMode::From(&from, Direction::Forward))
+        {
             let (k, v) = item.map_err(db_err)?;
             let index = key_index(&k)?;
             if !range.contains(&index) {
@@ -149,7 +152,10 @@ impl LogStore {
             if let Some(prev) = out.last().map(|e: &Entry| e.index())
                 && prev + 1 != index
             {
-                return Err(crate::codec::corrupt("log", &format!("hole between {prev} and {index}")));
+                return Err(crate::codec::corrupt(
+                    "log",
+                    &format!("hole between {prev} and {index}"),
+                ));
             }
             out.push(entry);
         }
@@ -199,7 +205,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         };
         Ok(LogState {
-            last_log_id: last.or_else(|| last_purged_log_id.clone()),
+            last_log_id: last.or(last_purged_log_id),
             last_purged_log_id,
         })
     }
@@ -219,7 +225,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // commit index from the leader. It lets a restarted node re-apply what
         // it knows to be committed without waiting for a leader.
         let Some(c) = committed else { return Ok(()) };
-        self.db.put_cf(self.cf(CF_META), KEY_COMMITTED, encode(&c)?).map_err(db_err)
+        self.db
+            .put_cf(self.cf(CF_META), KEY_COMMITTED, encode(&c)?)
+            .map_err(db_err)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {

@@ -158,7 +158,13 @@ pub fn apply(state: &impl ReadState, request: &Request, index: u64) -> io::Resul
                 version,
             };
             let created = current.is_none();
-            Ok((vec![Write::Put(key.clone(), object)], Response::Written { revision: index, created }))
+            Ok((
+                vec![Write::Put(key.clone(), object)],
+                Response::Written {
+                    revision: index,
+                    created,
+                },
+            ))
         }
         Command::Delete { key, expect } => {
             let current = state.get(key)?;
@@ -241,7 +247,10 @@ mod tests {
     fn del(key: &str, expect: Option<Expect>) -> Request {
         Request {
             time_ms: 1,
-            command: Command::Delete { key: key.into(), expect },
+            command: Command::Delete {
+                key: key.into(),
+                expect,
+            },
         }
     }
 
@@ -260,8 +269,20 @@ mod tests {
     #[test]
     fn put_creates_then_updates_with_revisions() {
         let mut s = HashMap::new();
-        assert_eq!(run(&mut s, &put("a", "1", None), 5), Response::Written { revision: 5, created: true });
-        assert_eq!(run(&mut s, &put("a", "2", None), 7), Response::Written { revision: 7, created: false });
+        assert_eq!(
+            run(&mut s, &put("a", "1", None), 5),
+            Response::Written {
+                revision: 5,
+                created: true
+            }
+        );
+        assert_eq!(
+            run(&mut s, &put("a", "2", None), 7),
+            Response::Written {
+                revision: 7,
+                created: false
+            }
+        );
         let o = &s["a"];
         assert_eq!((o.revision, o.create_revision, o.version), (7, 5, 2));
         assert_eq!(o.value, b"2");
@@ -273,18 +294,34 @@ mod tests {
         run(&mut s, &put("w", "0", None), 3);
         let first = run(&mut s, &put("w", "a", Some(Expect::Revision(3))), 4);
         let second = run(&mut s, &put("w", "b", Some(Expect::Revision(3))), 5);
-        assert_eq!(first, Response::Written { revision: 4, created: false });
-        assert_eq!(second, Response::Conflict { current_revision: Some(4) });
+        assert_eq!(
+            first,
+            Response::Written {
+                revision: 4,
+                created: false
+            }
+        );
+        assert_eq!(
+            second,
+            Response::Conflict {
+                current_revision: Some(4)
+            }
+        );
         assert_eq!(s["w"].value, b"a");
     }
 
     #[test]
     fn create_only_refuses_an_existing_object() {
         let mut s = HashMap::new();
-        assert!(matches!(run(&mut s, &put("k", "1", Some(Expect::Absent)), 1), Response::Written { .. }));
+        assert!(matches!(
+            run(&mut s, &put("k", "1", Some(Expect::Absent)), 1),
+            Response::Written { .. }
+        ));
         assert_eq!(
             run(&mut s, &put("k", "2", Some(Expect::Absent)), 2),
-            Response::Conflict { current_revision: Some(1) }
+            Response::Conflict {
+                current_revision: Some(1)
+            }
         );
     }
 
@@ -305,9 +342,14 @@ mod tests {
         run(&mut s, &put("k", "1", None), 2);
         assert_eq!(
             run(&mut s, &del("k", Some(Expect::Revision(1))), 3),
-            Response::Conflict { current_revision: Some(2) }
+            Response::Conflict {
+                current_revision: Some(2)
+            }
         );
-        assert_eq!(run(&mut s, &del("k", Some(Expect::Present)), 4), Response::Deleted { revision: 4 });
+        assert_eq!(
+            run(&mut s, &del("k", Some(Expect::Present)), 4),
+            Response::Deleted { revision: 4 }
+        );
         assert!(s.is_empty());
     }
 
@@ -318,7 +360,12 @@ mod tests {
         let (w, _) = apply(&ov, &put("k", "1", None), 1).unwrap();
         ov.record(&w);
         let (_, resp) = apply(&ov, &put("k", "2", Some(Expect::Absent)), 2).unwrap();
-        assert_eq!(resp, Response::Conflict { current_revision: Some(1) });
+        assert_eq!(
+            resp,
+            Response::Conflict {
+                current_revision: Some(1)
+            }
+        );
         let (w, _) = apply(&ov, &del("k", None), 3).unwrap();
         ov.record(&w);
         assert_eq!(ov.get("k").unwrap(), None);
@@ -328,7 +375,12 @@ mod tests {
     fn apply_is_deterministic() {
         let mut a = HashMap::new();
         let mut b = HashMap::new();
-        let reqs = [put("x", "1", None), put("y", "2", None), del("x", None), put("y", "3", Some(Expect::Revision(2)))];
+        let reqs = [
+            put("x", "1", None),
+            put("y", "2", None),
+            del("x", None),
+            put("y", "3", Some(Expect::Revision(2))),
+        ];
         for (i, r) in reqs.iter().enumerate() {
             assert_eq!(run(&mut a, r, i as u64 + 1), run(&mut b, r, i as u64 + 1));
         }

@@ -196,12 +196,12 @@ impl StateMachineStore {
     }
 }
 
+/// Answers owed to clients once a batch is applied.
+type Answers = Vec<(openraft::storage::ApplyResponder<TypeConfig>, Response)>;
+
 /// Applies entries to `db` in one write batch; returns the responses for
-/// entries that have a responder.
-fn apply_batch(
-    db: &DB,
-    entries: Vec<EntryResponder<TypeConfig>>,
-) -> io::Result<(Vec<(openraft::storage::ApplyResponder<TypeConfig>, Response)>, Option<u64>)> {
+/// entries that have a responder, and the last applied index.
+fn apply_batch(db: &DB, entries: Vec<EntryResponder<TypeConfig>>) -> io::Result<(Answers, Option<u64>)> {
     let (applied, _) = read_applied(db)?;
     let applied_index = applied.map(|l| l.index);
     let base = DbView(db);
@@ -237,7 +237,7 @@ fn apply_batch(
                 resp
             }
             EntryPayload::Membership(ref m) => {
-                membership = Some(StoredMembership::new(Some(log_id.clone()), m.clone()));
+                membership = Some(StoredMembership::new(Some(log_id), m.clone()));
                 Response::None
             }
         };
@@ -266,7 +266,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
-    where Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend {
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
         let mut batch = Vec::new();
         while let Some(item) = entries.try_next().await? {
             batch.push(item);

@@ -78,7 +78,10 @@ pub fn http_client(certs: &Path, cert: &str, key: &str) -> reqwest::Client {
         cert: certs.join(cert),
         key: certs.join(key),
     };
-    let tls = TlsMaterial::load(&files).expect("load client TLS").client_config(false).expect("client config");
+    let tls = TlsMaterial::load(&files)
+        .expect("load client TLS")
+        .client_config(false)
+        .expect("client config");
     reqwest::Client::builder()
         .use_preconfigured_tls((*tls).clone())
         .timeout(Duration::from_secs(20))
@@ -107,7 +110,10 @@ impl TestCluster {
 
     /// Certificates and configs only; nothing started.
     pub fn prepare(n: u64, extra: &[&str]) -> Self {
-        let root = tempfile::Builder::new().prefix("keel-test-").tempdir().expect("temp dir");
+        let root = tempfile::Builder::new()
+            .prefix("keel-test-")
+            .tempdir()
+            .expect("temp dir");
         let certs = root.path().join("certs");
         let ids: Vec<u64> = (1..=n).collect();
         keel::cert::create_dev_set(&certs, &ids).expect("create certificates");
@@ -167,7 +173,11 @@ impl TestCluster {
         let p = &self.nodes[&id];
         let mut slot = p.child.lock().unwrap();
         assert!(slot.is_none(), "node {id} is already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(p.log()).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p.log())
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_keel"))
             .arg("serve")
             .arg("--config")
@@ -221,7 +231,13 @@ impl TestCluster {
     }
 
     pub async fn status(&self, id: u64) -> Option<StatusView> {
-        let r = self.client.get(self.url(id, "/status")).timeout(Duration::from_secs(3)).send().await.ok()?;
+        let r = self
+            .client
+            .get(self.url(id, "/status"))
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+            .ok()?;
         if !r.status().is_success() {
             return None;
         }
@@ -268,7 +284,10 @@ impl TestCluster {
             if all {
                 return;
             }
-            assert!(start.elapsed() < WAIT, "nodes {ids:?} did not apply index {index} within {WAIT:?}");
+            assert!(
+                start.elapsed() < WAIT,
+                "nodes {ids:?} did not apply index {index} within {WAIT:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -340,7 +359,12 @@ impl TestCluster {
     }
 
     pub async fn state_hash(&self, id: u64) -> Value {
-        let r = self.admin.get(self.url(id, "/admin/state-hash")).send().await.expect("state-hash");
+        let r = self
+            .admin
+            .get(self.url(id, "/admin/state-hash"))
+            .send()
+            .await
+            .expect("state-hash");
         let rep = Self::reply(r).await;
         assert_eq!(rep.status, 200, "state hash from node {id}: {:?}", rep.body);
         rep.body
@@ -358,7 +382,11 @@ impl TestCluster {
             let idx: Vec<u64> = hashes.iter().map(|h| h["applied_index"].as_u64().unwrap()).collect();
             if idx.iter().all(|i| *i == idx[0]) {
                 for (id, h) in ids.iter().zip(&hashes) {
-                    assert_eq!(h, &hashes[0], "node {id} state differs from node {} at index {}", ids[0], idx[0]);
+                    assert_eq!(
+                        h, &hashes[0],
+                        "node {id} state differs from node {} at index {}",
+                        ids[0], idx[0]
+                    );
                 }
                 return hashes[0].clone();
             }

@@ -265,8 +265,7 @@ impl<W: Write> SnapshotWriter<W> {
             self.write_chunk()?;
         }
         for part in [key, value] {
-            self.raw
-                .extend_from_slice(&(part.len() as u32).to_le_bytes());
+            self.raw.extend_from_slice(&(part.len() as u32).to_le_bytes());
             self.raw.extend_from_slice(part);
         }
         self.chunk_records += 1;
@@ -381,8 +380,7 @@ impl<R: Read> SnapshotReader<R> {
             self.pos = 0;
         }
         let chunk = self.v.totals.sum.chunks - 1;
-        let (k, v, used) =
-            split_record(&self.v.raw[self.pos..]).ok_or(SnapshotError::ChunkCorrupt { chunk })?;
+        let (k, v, used) = split_record(&self.v.raw[self.pos..]).ok_or(SnapshotError::ChunkCorrupt { chunk })?;
         self.pos += used;
         self.failed = false;
         Ok(Some((k.to_vec(), v.to_vec())))
@@ -467,9 +465,7 @@ impl StreamVerifier {
             };
         }
         match p.first() {
-            _ if self.summary.is_some() => {
-                Err(SnapshotError::Malformed("data after the trailer".into()))
-            }
+            _ if self.summary.is_some() => Err(SnapshotError::Malformed("data after the trailer".into())),
             None => Ok(1),
             Some(&TAG_CHUNK) if p.len() < CHUNK_HEAD_LEN => Ok(CHUNK_HEAD_LEN),
             Some(&TAG_CHUNK) => Ok(CHUNK_HEAD_LEN + ChunkHead::parse(p, chunk)?.comp_len),
@@ -577,9 +573,7 @@ mod tests {
         }
         /// Random bytes, fewer than `max` of them.
         fn bytes(&mut self, max: usize) -> Vec<u8> {
-            (0..self.below(max))
-                .map(|_| self.below(256) as u8)
-                .collect()
+            (0..self.below(max)).map(|_| self.below(256) as u8).collect()
         }
     }
 
@@ -649,8 +643,7 @@ mod tests {
         let ends = boundaries(&bytes);
         let comp = bytes.len() - ends[1] - TRAILER_LEN - CHUNK_HEAD_LEN * (ends.len() - 3);
         let (chunks, records) = (ends.len() as u64 - 3, recs.len() as u64);
-        let (raw_bytes, compressed_bytes, file_bytes) =
-            (raw as u64, comp as u64, bytes.len() as u64);
+        let (raw_bytes, compressed_bytes, file_bytes) = (raw as u64, comp as u64, bytes.len() as u64);
         let expected = SnapshotSummary {
             chunks,
             records,
@@ -679,10 +672,7 @@ mod tests {
         assert_eq!(check_roundtrip(one, DEFAULT_CHUNK_TARGET).chunks, 1);
         assert_eq!(check_roundtrip(vec![(vec![], vec![]); 3], 1).chunks, 3);
         assert!(check_roundtrip(records(500, 1), 512).chunks > 20);
-        assert_eq!(
-            check_roundtrip(records(500, 2), DEFAULT_CHUNK_TARGET).chunks,
-            1
-        );
+        assert_eq!(check_roundtrip(records(500, 2), DEFAULT_CHUNK_TARGET).chunks, 1);
         // A record larger than the target gets a chunk of its own.
         let big = vec![
             (b"a".to_vec(), vec![1; 9]),
@@ -713,13 +703,9 @@ mod tests {
                 SnapshotError::BadMagic => at < 8,
                 SnapshotError::UnsupportedVersion(_) => (8..12).contains(&at),
                 SnapshotError::HeaderCorrupt => (12..ends[1]).contains(&at),
-                SnapshotError::Truncated => {
-                    (12..16).contains(&at) || in_chunk && (5..9).contains(&off)
-                }
+                SnapshotError::Truncated => (12..16).contains(&at) || in_chunk && (5..9).contains(&off),
                 SnapshotError::Malformed(_) => k > 1 && off == 0, // a frame tag
-                SnapshotError::ChunkCorrupt { chunk } => {
-                    in_chunk && off > 0 && *chunk == k as u64 - 2
-                }
+                SnapshotError::ChunkCorrupt { chunk } => in_chunk && off > 0 && *chunk == k as u64 - 2,
                 SnapshotError::TrailerCorrupt => k == ends.len() - 1 && off > 0,
                 SnapshotError::Io(_) => false,
             };
@@ -738,10 +724,7 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(read_all(&bytes[..cut]).is_err(), "cut at {cut} read fine");
             let v = stream(&bytes[..cut]).unwrap();
-            let k = ends
-                .iter()
-                .position(|&e| e == v.verified_len() as usize)
-                .unwrap();
+            let k = ends.iter().position(|&e| e == v.verified_len() as usize).unwrap();
             assert!(!v.is_complete() && ends[k] <= cut && cut < ends[k + 1]);
             if cut % 97 == 0 {
                 std::fs::write(&path, &bytes[..cut]).unwrap();
@@ -749,10 +732,7 @@ mod tests {
             }
         }
         let longer = [&bytes[..], b"x"].concat();
-        assert!(matches!(
-            read_all(&longer),
-            Err(SnapshotError::Malformed(_))
-        ));
+        assert!(matches!(read_all(&longer), Err(SnapshotError::Malformed(_))));
         assert!(stream(&longer).is_err());
     }
 
@@ -767,10 +747,7 @@ mod tests {
                 let n = (1 + rng.below(300)).min(bytes.len() - at);
                 v.feed(&bytes[at..at + n]).unwrap();
                 at += n;
-                let k = ends
-                    .iter()
-                    .position(|&e| e == v.verified_len() as usize)
-                    .unwrap();
+                let k = ends.iter().position(|&e| e == v.verified_len() as usize).unwrap();
                 assert!(ends[k] <= at && ends.get(k + 1).is_none_or(|&next| at < next));
             }
             assert_eq!((v.header(), v.summary()), (Some(&header()), Some(summary)));
@@ -797,10 +774,7 @@ mod tests {
         let mut bad = bytes.clone();
         bad[ends[3] - 1] ^= 0x10;
         let mut v = StreamVerifier::new();
-        assert!(matches!(
-            v.feed(&bad),
-            Err(SnapshotError::ChunkCorrupt { chunk: 1 })
-        ));
+        assert!(matches!(v.feed(&bad), Err(SnapshotError::ChunkCorrupt { chunk: 1 })));
         assert_eq!(v.verified_len() as usize, ends[2]);
         v.feed(&bytes[ends[2]..]).unwrap();
         assert_eq!(v.summary(), Some(summary));

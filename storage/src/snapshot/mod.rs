@@ -139,14 +139,22 @@ impl SnapshotStore {
     }
 
     /// The newest finished snapshot, if any.
-    pub(crate) fn current(&self) -> io::Result<Option<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>>> {
+    pub(crate) fn current(
+        &self,
+    ) -> io::Result<Option<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>>> {
         let Some(path) = self.finished()?.pop() else {
             return Ok(None);
         };
         let file = SnapshotFile::open(path)?;
         let reader = SnapshotReader::new(BufReader::new(file.file.try_clone()?)).map_err(snap_err)?;
         let meta: SnapshotMeta = decode(&reader.header().meta, "snapshot meta")?;
-        Ok(Some(openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotFile> { meta, snapshot: file }))
+        Ok(Some(openraft::type_config::alias::SnapshotOf::<
+            TypeConfig,
+            SnapshotFile,
+        > {
+            meta,
+            snapshot: file,
+        }))
     }
 }
 
@@ -163,7 +171,9 @@ pub struct SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = SnapshotFile;
 
-    async fn build_snapshot(&mut self) -> Result<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>, io::Error> {
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>, io::Error> {
         let shared = self.shared.clone();
         let start = Instant::now();
         let res = tokio::task::spawn_blocking(move || build(&shared))
