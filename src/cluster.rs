@@ -81,7 +81,8 @@ pub struct StatusView {
     pub members: Vec<MemberView>,
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch on this node's clock.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -172,9 +173,14 @@ impl Cluster {
 
     /// Proposes `command` through the leader and returns the log index it
     /// was applied at and the state machine's response.
-    pub async fn propose(&self, command: Command) -> Result<(u64, Response), ApiError> {
+    pub async fn propose(
+        &self,
+        command: Command,
+        idempotency_key: Option<String>,
+    ) -> Result<(u64, Response), ApiError> {
         let req = Request {
             time_ms: now_ms(),
+            idempotency_key,
             command,
         };
         let deadline = Instant::now() + self.inner.timeout;
@@ -191,25 +197,23 @@ impl Cluster {
                     Ok(Err(e)) => return Err(outcome_unknown(e)),
                 }
             } else {
-                let Some(addr) = self.raft_addr_of(leader) else {
-                    return Err(ApiError::unavailable(
-                        "no_leader",
-                        format!("leader {leader} has no known address"),
-                    ));
-                };
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                match self
-                    .inner
-                    .pool
-                    .call(leader, &addr, wire::PATH_FORWARD_WRITE, &req, remaining)
-                    .await
-                {
-                    Ok(wire::ForwardReply::Applied { index, response }) => return Ok((index, response)),
-                    Ok(wire::ForwardReply::NotLeader { .. }) => {}
-                    Ok(wire::ForwardReply::Failed(m)) => return Err(outcome_unknown(m)),
-                    // Never sent: safe to try again.
-                    Err(PeerError::Unreachable { .. }) => {}
-                    Err(e @ PeerError::Failed { .. }) => return Err(outcome_unknown(e)),
+                // A node that knows the leader's id before it has applied
+                // the membership naming its address waits for it.
+                if let Some(addr) = self.raft_addr_of(leader) {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    match self
+                        .inner
+                        .pool
+                        .call(leader, &addr, wire::PATH_FORWARD_WRITE, &req, remaining)
+                        .await
+                    {
+                        Ok(wire::ForwardReply::Applied { index, response }) => return Ok((index, response)),
+                        Ok(wire::ForwardReply::NotLeader { .. }) => {}
+                        Ok(wire::ForwardReply::Failed(m)) => return Err(outcome_unknown(m)),
+                        // Never sent: safe to try again.
+                        Err(PeerError::Unreachable { .. }) => {}
+                        Err(e @ PeerError::Failed { .. }) => return Err(outcome_unknown(e)),
+                    }
                 }
             }
             if Instant::now() >= deadline {

@@ -114,10 +114,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
 
     let cluster = Cluster::new(config.node_id, raft.clone(), reader, pool, config.request_timeout);
+    let watch = crate::watch::WatchHub::start(cluster.reader().clone());
     let router = api::router(api::ApiState {
         cluster: cluster.clone(),
         insecure: config.insecure,
+        watch,
     });
+    tokio::spawn(crate::expiry::run(cluster.clone(), stop_rx.clone()));
     let api_tls = material.as_ref().map(|m| m.api_server_config()).transpose()?;
     let api_task = tokio::spawn(keel_raft::serve::serve(
         api_listener,
