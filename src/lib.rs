@@ -17,4 +17,5 @@ pub mod dev_cluster;
 pub mod error;
 pub mod expiry;
 pub mod node;
+pub mod resource_cli;
 pub mod watch;

@@ -259,7 +259,11 @@ async fn idempotent_retries_apply_once_and_bad_input_is_named() {
     let (st, b) = send(&c, reqwest::Method::PUT, 1, "/v1/kv/big", Some(json!(big)), &[]).await;
     assert_eq!((st, b["error"]["code"].as_str()), (413, Some("body_too_large")), "{b}");
     let (st, b) = send(&c, reqwest::Method::PATCH, 1, "/v1/workers/w", None, &[]).await;
-    assert_eq!((st, b["error"]["code"].as_str()), (405, Some("method_not_allowed")), "{b}");
+    assert_eq!(
+        (st, b["error"]["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{b}"
+    );
     let (st, b) = send(&c, reqwest::Method::GET, 1, "/v1/nothing", None, &[]).await;
     assert_eq!((st, b["error"]["code"].as_str()), (404, Some("not_found")), "{b}");
 }
