@@ -52,6 +52,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
+        .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
         .route("/v1/kv", get(kv_list))
         .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
         .route("/admin/state-hash", get(state_hash))

@@ -17,5 +17,6 @@ pub mod dev_cluster;
 pub mod error;
 pub mod expiry;
 pub mod node;
+pub mod openapi;
 pub mod resource_cli;
 pub mod watch;
