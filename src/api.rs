@@ -53,21 +53,23 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/kv", get(kv_list))
         .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
         .route("/admin/state-hash", get(state_hash))
+        .merge(crate::ha::routes())
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .with_state(state)
 }
 
 /// Who may call a route.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Access {
+pub(crate) enum Access {
     /// Any certificate of the cluster CA.
     Client,
     /// Only an admin certificate.
     Admin,
 }
 
-fn authorize(state: &ApiState, conn: &ConnInfo, access: Access) -> Result<(), ApiError> {
+pub(crate) fn authorize(state: &ApiState, conn: &ConnInfo, access: Access) -> Result<(), ApiError> {
     if state.insecure {
         return Ok(());
     }
@@ -92,17 +94,8 @@ async fn livez() -> Json<Value> {
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
-    let st = s.cluster.status();
-    let reason = if s.cluster.is_stopping() {
-        Some("shutting down")
-    } else if st.leader_id.is_none() {
-        Some("no leader")
-    } else if st.role == "learner" {
-        Some("learner")
-    } else {
-        None
-    };
-    match reason {
+    // Rules in observe.rs: leader contact, caught up, not a learner, not stopping.
+    match crate::observe::readiness(&s.cluster).await.not_ready {
         None => Json(json!({"ready": true})).into_response(),
         Some(r) => (
             StatusCode::SERVICE_UNAVAILABLE,

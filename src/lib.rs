@@ -14,4 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod dev_cluster;
 pub mod error;
+pub mod ha;
+pub mod metrics;
 pub mod node;
+pub mod observe;
