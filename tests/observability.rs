@@ -104,20 +104,29 @@ async fn wait_metrics<T>(c: &TestCluster, id: u64, what: &str, f: impl Fn(&[Samp
     }
 }
 
-fn promtool() -> &'static str {
-    let ok = Command::new("promtool")
+/// `promtool`: on PATH, or where scripts/prereqs-obs.sh puts it.
+fn promtool_path() -> std::path::PathBuf {
+    let on_path = Command::new("promtool")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
+    if on_path {
+        return "promtool".into();
+    }
+    let dir = std::env::var_os("KEEL_TOOLS_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/keel-tools")))
+        .unwrap_or_default();
+    let p = dir.join("bin/promtool");
     assert!(
-        ok,
-        "promtool is not installed: run scripts/prereqs.sh (Debian package `prometheus`)"
+        p.exists(),
+        "promtool is not installed: run scripts/prereqs-obs.sh (it takes promtool from Debian's `prometheus` package)"
     );
-    "promtool"
+    p
 }
 
 fn promtool_check_metrics(text: &str) {
-    let mut child = Command::new(promtool())
+    let mut child = Command::new(promtool_path())
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
