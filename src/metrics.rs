@@ -479,6 +479,23 @@ pub fn get() -> &'static Metrics {
     &METRICS
 }
 
+static NODE_ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Records this process's node id for log lines written outside its tasks.
+pub fn set_node_id(id: u64) {
+    let _ = NODE_ID.set(id);
+}
+
+/// Node id, term and leader (0: none) for a log line, from the gauges.
+fn raft_context() -> (u64, i64, i64) {
+    let m = get();
+    (
+        NODE_ID.get().copied().unwrap_or(0),
+        m.raft_term.get(),
+        m.raft_leader_id.get(),
+    )
+}
+
 /// The storage hooks: fsync, group commit, apply and snapshot timings.
 pub struct StorageMetrics;
 
@@ -497,15 +514,23 @@ impl StorageHooks for StorageMetrics {
         m.storage_apply_batch_entries.observe(entries as f64);
     }
 
+    // Successes are logged by the storage itself; failures get the node's
+    // Raft context here.
     fn snapshot_built(&self, ok: bool, elapsed: Duration, bytes: u64) {
         let m = get();
         if ok {
             m.raft_snapshot_build_duration.observe(elapsed.as_secs_f64());
             m.raft_snapshot_size_bytes.set(bytes as i64);
-            tracing::info!(elapsed_ms = elapsed.as_millis() as u64, bytes, "snapshot built");
         } else {
             m.raft_snapshot_build_failures.inc();
-            tracing::warn!(elapsed_ms = elapsed.as_millis() as u64, "snapshot build failed");
+            let (node_id, term, leader) = raft_context();
+            tracing::warn!(
+                node_id,
+                term,
+                leader,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "snapshot build failed"
+            );
         }
     }
 
@@ -513,10 +538,16 @@ impl StorageHooks for StorageMetrics {
         let m = get();
         if ok {
             m.raft_snapshot_install_duration.observe(elapsed.as_secs_f64());
-            tracing::info!(elapsed_ms = elapsed.as_millis() as u64, "snapshot installed");
         } else {
             m.raft_snapshot_install_failures.inc();
-            tracing::warn!(elapsed_ms = elapsed.as_millis() as u64, "snapshot install failed");
+            let (node_id, term, leader) = raft_context();
+            tracing::warn!(
+                node_id,
+                term,
+                leader,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "snapshot install failed"
+            );
         }
     }
 }
@@ -541,6 +572,18 @@ impl NetHooks for NetMetrics {
             .observe(elapsed.as_secs_f64());
         if !ok {
             m.raft_rpc_failures.get_or_create(&labels).inc();
+        }
+        if labels.rpc == "snapshot" {
+            let (node_id, term, leader) = raft_context();
+            tracing::info!(
+                node_id,
+                term,
+                leader,
+                peer,
+                ok,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "snapshot transfer to peer finished"
+            );
         }
     }
 

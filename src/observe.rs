@@ -261,7 +261,7 @@ impl Sampler {
         if self.role != Some(m.state) {
             tracing::info!(
                 term = m.current_term,
-                leader = ?m.current_leader,
+                leader = m.current_leader.unwrap_or(0),
                 from = self.role.map(role_name).unwrap_or("starting"),
                 to = role_name(m.state),
                 "role changed"
@@ -275,7 +275,7 @@ impl Sampler {
                 tracing::info!(
                     term = m.current_term,
                     leader,
-                    previous = ?self.leadership.map(|(_, l)| l),
+                    previous = self.leadership.map(|(_, l)| l).unwrap_or(0),
                     "leader changed"
                 );
                 self.leadership = Some(key);
@@ -285,7 +285,7 @@ impl Sampler {
         if self.membership.as_deref() != Some(mem.as_str()) {
             tracing::info!(
                 term = m.current_term,
-                leader = ?m.current_leader,
+                leader = m.current_leader.unwrap_or(0),
                 log_index = m.membership_config.log_id().as_ref().map(|l| l.index),
                 ?voters,
                 ?learners,
@@ -360,6 +360,7 @@ impl Sampler {
 /// Starts the background task that samples this node into the gauges.
 pub fn spawn(cluster: Cluster, cluster_name: &str) -> tokio::task::JoinHandle<()> {
     let me = cluster.node_id();
+    metrics::set_node_id(me);
     metrics::get()
         .node_info
         .get_or_create(&InfoLabels {

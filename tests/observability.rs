@@ -435,7 +435,7 @@ async fn lag_of_a_stopped_follower_grows_then_returns_to_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn role_and_term_change_after_a_leader_kill() {
-    let c = TestCluster::start(3);
+    let c = TestCluster::start_with(3, &["--log-format=json"]);
     let old = c.wait_leader().await;
     let s = scrape(&c, old).await;
     let term = value(&s, "raft_term", &[]).unwrap();
@@ -466,6 +466,27 @@ async fn role_and_term_change_after_a_leader_kill() {
     }
     let after = value(&scrape(&c, watcher).await, "raft_leader_changes_total", &[]).unwrap();
     assert!(after > changes, "leader changes {changes} -> {after}");
+
+    // The election is in the logs, as JSON lines carrying node id, term and leader.
+    let log = std::fs::read_to_string(c.nodes[&new].log()).unwrap();
+    let events: Vec<Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(!events.is_empty(), "no JSON log lines:\n{}", c.log_tail(new));
+    let became_leader = events.iter().find(|e| {
+        e["fields"]["message"] == "role changed"
+            && e["fields"]["to"] == "leader"
+            && e["fields"]["term"] == new_term as u64
+    });
+    let e =
+        became_leader.unwrap_or_else(|| panic!("no 'role changed' to leader in term {new_term}:\n{}", c.log_tail(new)));
+    assert_eq!(e["span"]["node_id"], new, "{e}");
+    assert!(
+        events.iter().any(|e| e["fields"]["message"] == "leader changed"
+            && e["fields"]["leader"] == new
+            && e["fields"]["term"] == new_term as u64),
+        "no 'leader changed' line:\n{}",
+        c.log_tail(new)
+    );
+    assert!(events.iter().any(|e| e["fields"]["message"] == "membership changed"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
