@@ -141,6 +141,11 @@ impl Cluster {
         *self.inner.stopping.borrow()
     }
 
+    /// Resolves once shutdown began (e.g. `POST /ha/shutdown`).
+    pub async fn shutdown_requested(&self) {
+        let _ = self.inner.stopping.subscribe().wait_for(|s| *s).await;
+    }
+
     /// Waits until some leader is known, up to `deadline`.
     async fn leader(&self, deadline: Instant) -> Result<u64, ApiError> {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -174,6 +179,16 @@ impl Cluster {
     /// Proposes `command` through the leader and returns the log index it
     /// was applied at and the state machine's response.
     pub async fn propose(
+        &self,
+        command: Command,
+        idempotency_key: Option<String>,
+    ) -> Result<(u64, Response), ApiError> {
+        let res = self.propose_inner(command, idempotency_key).await;
+        crate::metrics::get().proposal(&res);
+        res
+    }
+
+    async fn propose_inner(
         &self,
         command: Command,
         idempotency_key: Option<String>,
