@@ -331,16 +331,25 @@ async fn live_cluster_metrics_pass_promtool_and_describe_the_cluster() {
     let r = c.client.post(c.url(leader, "/ha/shutdown")).send().await.unwrap();
     assert_eq!(r.status(), 403, "a client certificate may not shut a node down");
 
-    // /ha/status from the leader: every member ALIVE, counts of the store.
-    let st: Value = c
-        .client
-        .get(c.url(leader, "/ha/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // /ha/status from the leader: every member ALIVE (heard from within an
+    // election timeout: polled, the machine may be busy), counts of the store.
+    let start = Instant::now();
+    let st = loop {
+        let st: Value = c
+            .client
+            .get(c.url(leader, "/ha/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if st["nodes"].as_array().unwrap().iter().all(|n| n["status"] == "ALIVE") {
+            break st;
+        }
+        assert!(start.elapsed() < WAIT, "not every member ALIVE: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(st["node_count"], 3, "{st}");
     assert_eq!(st["node_name"], format!("node-{leader}"));
     assert_eq!(st["view"], "leader");
