@@ -41,6 +41,8 @@ pub fn routes() -> Router<ApiState> {
         .route("/ha/health", get(health))
         .route("/ha/status", get(status))
         .route("/ha/shutdown", post(shutdown))
+        .route("/ha/workers", get(workers))
+        .route("/ha/policies", get(policies))
 }
 
 /// OpenMetrics when the scraper asks for it (Prometheus does), otherwise
@@ -268,4 +270,31 @@ mod tests {
         assert_eq!(classify(Some(Duration::from_secs(9)), s, d), NodeStatus::Down);
         assert_eq!(serde_json::to_value(NodeStatus::Suspected).unwrap(), json!("SUSPECTED"));
     }
+}
+
+/// A local (stale) list of one namespace, for gateways' HA views.
+fn local_list(s: &ApiState, prefix: &str) -> Result<Response, ApiError> {
+    let reader = s.cluster.reader();
+    let revision = reader.applied_index();
+    let items: Vec<serde_json::Value> = reader
+        .list(prefix, 100_000)?
+        .into_iter()
+        .map(|(k, o)| {
+            let value: serde_json::Value = serde_json::from_slice(&o.value).unwrap_or(serde_json::Value::Null);
+            json!({"id": &k[prefix.len()..], "value": value, "revision": o.revision})
+        })
+        .collect();
+    Ok(Json(json!({"items": items, "revision": revision, "node_id": s.cluster.node_id()})).into_response())
+}
+
+/// `GET /ha/workers`: this node's view of the worker registry.
+async fn workers(State(s): State<ApiState>, Extension(conn): Extension<ConnInfo>) -> Result<Response, ApiError> {
+    authorize(&s, &conn, Access::Client)?;
+    local_list(&s, keel_storage::model::control::WORKERS)
+}
+
+/// `GET /ha/policies`: this node's view of the routing policies.
+async fn policies(State(s): State<ApiState>, Extension(conn): Extension<ConnInfo>) -> Result<Response, ApiError> {
+    authorize(&s, &conn, Access::Client)?;
+    local_list(&s, keel_storage::model::control::POLICIES)
 }
