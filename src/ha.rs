@@ -254,24 +254,6 @@ async fn shutdown(State(s): State<ApiState>, Extension(conn): Extension<ConnInfo
         .into_response())
 }
 
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    #[test]
-    fn contact_ages_map_to_statuses() {
-        let s = Duration::from_secs(1);
-        let d = Duration::from_secs(4);
-        assert_eq!(classify(None, s, d), NodeStatus::Init);
-        assert_eq!(classify(Some(Duration::from_millis(100)), s, d), NodeStatus::Alive);
-        assert_eq!(classify(Some(Duration::from_secs(2)), s, d), NodeStatus::Suspected);
-        assert_eq!(classify(Some(Duration::from_secs(9)), s, d), NodeStatus::Down);
-        assert_eq!(serde_json::to_value(NodeStatus::Suspected).unwrap(), json!("SUSPECTED"));
-    }
-}
-
 /// A local (stale) list of one namespace, for gateways' HA views.
 fn local_list(s: &ApiState, prefix: &str) -> Result<Response, ApiError> {
     let reader = s.cluster.reader();
@@ -297,4 +279,22 @@ async fn workers(State(s): State<ApiState>, Extension(conn): Extension<ConnInfo>
 async fn policies(State(s): State<ApiState>, Extension(conn): Extension<ConnInfo>) -> Result<Response, ApiError> {
     authorize(&s, &conn, Access::Client)?;
     local_list(&s, keel_storage::model::control::POLICIES)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn contact_ages_map_to_statuses() {
+        let s = Duration::from_secs(1);
+        let d = Duration::from_secs(4);
+        assert_eq!(classify(None, s, d), NodeStatus::Init);
+        assert_eq!(classify(Some(Duration::from_millis(100)), s, d), NodeStatus::Alive);
+        assert_eq!(classify(Some(Duration::from_secs(2)), s, d), NodeStatus::Suspected);
+        assert_eq!(classify(Some(Duration::from_secs(9)), s, d), NodeStatus::Down);
+        assert_eq!(serde_json::to_value(NodeStatus::Suspected).unwrap(), json!("SUSPECTED"));
+    }
 }
