@@ -15,3 +15,5 @@ pub mod config;
 pub mod dev_cluster;
 pub mod error;
 pub mod node;
+pub mod snapshot_api;
+pub mod snapshot_cli;

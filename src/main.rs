@@ -33,6 +33,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Snapshots: build one now, back up, inspect, restore into a new cluster.
+    #[command(subcommand)]
+    Snapshot(keel::snapshot_cli::SnapshotCmd),
     /// Run a local cluster on loopback with generated certificates until Ctrl-C.
     DevCluster {
         /// Number of nodes.
@@ -110,6 +113,8 @@ fn init_logging(json: bool, level: &str) {
 }
 
 fn main() -> std::process::ExitCode {
+    // Test builds only (see keel_storage::failpoints); inert otherwise.
+    let _failpoints = keel_storage::failpoints::setup();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -124,6 +129,7 @@ fn main() -> std::process::ExitCode {
             }
             Cmd::Cert(c) => cert(c),
             Cmd::Status { client, json } => keel::cli::status(&client, json).await,
+            Cmd::Snapshot(c) => keel::snapshot_cli::run(c).await,
             Cmd::DevCluster { nodes, dir } => {
                 init_logging(false, "warn");
                 keel::dev_cluster::run(nodes, &dir).await
