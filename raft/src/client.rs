@@ -565,6 +565,8 @@ impl PeerNetwork {
                     tracing::info!(target, snapshot = %st2.id, offset = pos, total = len, "snapshot transfer progress");
                 }
                 if pos < len && keel_storage::failpoints::flag_point("snap-send-cut").is_some() {
+                    // Like a connection dying once the bytes sent so far arrived.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                     tracing::warn!(
                         target,
                         offset = pos,
@@ -751,7 +753,10 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                 }
                 Err(e) => {
                     failures += 1;
-                    if failures > MAX_FAILURES {
+                    // Not reached yet: let openraft back off and fetch the
+                    // then-current snapshot. Once a transfer began, retry here
+                    // to resume it.
+                    if attempts == 0 || failures > MAX_FAILURES {
                         return Err(e.into_streaming());
                     }
                     tracing::debug!(target, error = %e, "snapshot offer failed; retrying");

@@ -152,7 +152,7 @@ impl PeerService {
         Ok(from)
     }
 
-    async fn route(&self, from: NodeId, req: Request<Incoming>) -> Resp {
+    async fn route(self: Arc<Self>, from: NodeId, req: Request<Incoming>) -> Resp {
         let fatal = |e: &dyn std::fmt::Display| reply(StatusCode::SERVICE_UNAVAILABLE, format!("raft stopped: {e}"));
         match req.uri().path() {
             wire::PATH_APPEND => match read_msg(req).await {
@@ -196,13 +196,20 @@ impl PeerService {
                 Ok(m) => ok_msg(&self.snapshot_offer(from, m).await),
                 Err(r) => r,
             },
-            wire::PATH_SNAPSHOT => match self.receive_snapshot(from, req).await {
-                Ok(r) => ok_msg(&r),
-                Err(e) => {
-                    tracing::warn!(from, error = %e, "snapshot transfer refused");
-                    reply(StatusCode::BAD_REQUEST, e.to_string())
+            wire::PATH_SNAPSHOT => {
+                // In a task of its own: hyper drops this handler when the
+                // sender resets the stream, but the receiving side must still
+                // settle its partial file and free the inbox.
+                let this = self.clone();
+                match tokio::spawn(async move { this.receive_snapshot(from, req).await }).await {
+                    Ok(Ok(r)) => ok_msg(&r),
+                    Ok(Err(e)) => {
+                        tracing::warn!(from, error = %e, "snapshot transfer failed");
+                        reply(StatusCode::BAD_REQUEST, e.to_string())
+                    }
+                    Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                 }
-            },
+            }
             other => reply(StatusCode::NOT_FOUND, format!("no peer route {other}")),
         }
     }
