@@ -220,12 +220,7 @@ async fn trigger_builds_a_snapshot_and_purge_stays_behind_it() {
     write_many(&c, leader, "t", 300, 16, 10).await;
     let applied = c.status(leader).await.unwrap().applied_index;
     // Clients may not; admins may.
-    let r = c
-        .client
-        .post(c.url(leader, "/admin/snapshot"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.client.post(c.url(leader, "/admin/snapshot")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 403);
     let t = trigger(&c, leader).await;
     let snap = t["snapshot"]["index"].as_u64().unwrap();
@@ -274,7 +269,6 @@ fn keel_cli_raw(c: &TestCluster, args: &[&str]) -> std::process::Output {
     cmd.output().expect("run keel")
 }
 
-
 /// Path of the newest `.snap` file of node `id`.
 fn stored_snapshot(c: &TestCluster, id: u64) -> std::path::PathBuf {
     let dir = c.nodes[&id].data_dir().join("snapshots");
@@ -284,7 +278,8 @@ fn stored_snapshot(c: &TestCluster, id: u64) -> std::path::PathBuf {
         .filter(|p| p.extension().is_some_and(|x| x == "snap"))
         .collect();
     v.sort();
-    v.pop().unwrap_or_else(|| panic!("node {id} has no snapshot in {}", dir.display()))
+    v.pop()
+        .unwrap_or_else(|| panic!("node {id} has no snapshot in {}", dir.display()))
 }
 
 /// Flips one bit in the middle of a file, in place (same inode).
@@ -313,6 +308,7 @@ async fn rejoin_and_converge(c: &TestCluster, leader: u64, follower: u64) -> Val
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_at_any_install_step_leaves_a_node_that_recovers_and_catches_up() {
     let c = TestCluster::start_with(3, &["--snapshot-every=2000", "--keep-after-snapshot=100"]);
+    let _logs = KeepLogsOnFailure(&c, "crash");
     let leader = c.wait_leader().await;
     let follower = others(&c, leader)[0];
     // About 4 MiB of state: snapshots of several 1 MiB chunks.
@@ -347,7 +343,10 @@ async fn a_crash_at_any_install_step_leaves_a_node_that_recovers_and_catches_up(
     }
     // After the crash right after the first chunks, the next transfer resumed.
     let resumed = log_lines(&c, follower, "snapshot transfer resumed");
-    assert!(!resumed.is_empty(), "no transfer resumed after the crash in the middle of one");
+    assert!(
+        !resumed.is_empty(),
+        "no transfer resumed after the crash in the middle of one"
+    );
 }
 
 /// A 3-node cluster whose nodes all run with `FAILPOINTS=spec`. Keep enough
@@ -374,7 +373,10 @@ async fn a_bit_flipped_in_transit_is_rejected_and_only_the_bad_part_resent() {
     c.wait_applied(&[follower], 1).await;
     lag_behind(&c, leader, follower, "t", 8_000, 500).await;
     let len = std::fs::metadata(stored_snapshot(&c, leader)).unwrap().len();
-    assert!(len > 6 * (256 << 10), "snapshot of {len} bytes is too small for this test");
+    assert!(
+        len > 6 * (256 << 10),
+        "snapshot of {len} bytes is too small for this test"
+    );
     rejoin_and_converge(&c, leader, follower).await;
     let rejected = log_lines(&c, follower, "snapshot data rejected");
     assert_eq!(rejected.len(), 1, "{rejected:?}");
@@ -387,7 +389,11 @@ async fn a_bit_flipped_in_transit_is_rejected_and_only_the_bad_part_resent() {
     // The chunks before the bad one were kept: the resend started at the end
     // of the last verified chunk, past the first one, and carried only the rest.
     let file = num(&line, "file_bytes");
-    assert!(resend_from > 1 << 19 && resend_from < 6 * (256 << 10), "{}", rejected[0]);
+    assert!(
+        resend_from > 1 << 19 && resend_from < 6 * (256 << 10),
+        "{}",
+        rejected[0]
+    );
     assert_eq!(num(&received, "resumed_from"), resend_from, "{received}");
     assert_eq!(num(&received, "received_bytes"), file - resend_from, "{received}");
 }

@@ -398,7 +398,13 @@ pub(crate) fn install(shared: &Shared, meta: &SnapshotMeta, snapshot: SnapshotFi
         db.flush_cf(meta_cf).map_err(db_err)?;
     }
     fsutil::fsync_dir(sm_dir)?;
-    // 3. The switch: one atomic rename of CURRENT, then a directory fsync.
+    // 3. Keep the file as this node's current snapshot, before the switch:
+    // openraft requires a stored snapshot covering the state machine
+    // whenever the state machine is ahead of the log, and after a crash
+    // between here and the switch it installs this file again at start.
+    let published = shared.snapshots.publish(&snapshot.path, meta)?;
+    drop(snapshot);
+    // 4. The switch: one atomic rename of CURRENT, then a directory fsync.
     let current_path = sm_dir.join("CURRENT");
     let tmp = sm_dir.join(".CURRENT.tmp");
     {
@@ -413,12 +419,9 @@ pub(crate) fn install(shared: &Shared, meta: &SnapshotMeta, snapshot: SnapshotFi
     crash_point("snap-after-dir-fsync");
     let db = Arc::new(crate::state_machine::open_generation(&next_dir)?);
     let old = std::mem::replace(&mut *shared.db.write().expect("state machine lock poisoned"), db);
-    // 4. Keep the installed file as our current snapshot.
-    shared.snapshots.publish(&snapshot.path, meta)?;
-    drop(snapshot);
     crash_point("snap-after-switch");
     retire(old, sm_dir.clone(), next);
-    tracing::info!(last = ?meta.last_log_id, records = summary.records, generation = next, "snapshot installed");
+    tracing::info!(last = ?meta.last_log_id, records = summary.records, generation = next, file = %published.display(), "snapshot installed");
     Ok(meta.last_log_id.as_ref().map(|l| l.index))
 }
 
