@@ -443,3 +443,131 @@ impl Drop for KeepLogsOnFailure<'_> {
         eprintln!("node logs kept in {}", dir.display());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_stored_snapshot_is_never_sent_or_saved() {
+    let c = TestCluster::start_with(3, &["--snapshot-every=2000", "--keep-after-snapshot=100"]);
+    let _logs = KeepLogsOnFailure(&c, "stored");
+    let leader = c.wait_leader().await;
+    let follower = others(&c, leader)[0];
+    c.wait_applied(&[follower], 1).await;
+    lag_behind(&c, leader, follower, "s", 6_000, 500).await;
+    let stored = stored_snapshot(&c, leader);
+    flip_bit_in_middle(&stored);
+    // Offline check: inspect refuses it.
+    let out = keel_cli_raw(&c, &["snapshot", "inspect", stored.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("failed verification") && err.contains("corrupt"), "{err}");
+
+    // Sending: the leader's own check catches it before the bad chunk goes
+    // out; it sets the file aside, builds a new snapshot and sends that.
+    rejoin_and_converge(&c, leader, follower).await;
+    let caught = log_lines(&c, leader, "failed verification");
+    assert!(!caught.is_empty(), "the leader never noticed the corrupt file");
+    assert!(log_lines(&c, follower, "snapshot data rejected").is_empty());
+    let dir = c.nodes[&leader].data_dir().join("snapshots");
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(names.iter().any(|n| n.ends_with(".snap.corrupt")), "{names:?}");
+    assert!(names.iter().any(|n| n.ends_with(".snap")), "{names:?}");
+
+    // Saving: the download is refused (503) rather than served, then works.
+    let stored = stored_snapshot(&c, leader);
+    flip_bit_in_middle(&stored);
+    let backup = c.root.path().join("backup.snap");
+    let endpoint = c.url(leader, "");
+    let out = keel_cli_raw(
+        &c,
+        &["snapshot", "save", backup.to_str().unwrap(), "--no-trigger", "--endpoint", &endpoint],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("503") && err.contains("snapshot_corrupt"), "{err}");
+    assert!(!backup.exists());
+    keel_cli(&c, &["snapshot", "save", backup.to_str().unwrap(), "--endpoint", &endpoint]);
+    keel_cli(&c, &["snapshot", "inspect", backup.to_str().unwrap()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backup_then_restore_into_a_new_cluster_gives_the_same_state() {
+    let a = TestCluster::start_with(3, &["--snapshot-every=3000"]);
+    let _logs = KeepLogsOnFailure(&a, "backup");
+    let leader = a.wait_leader().await;
+    write_many(&a, leader, "b", 5_000, 64, 200).await;
+    // Overwrites and deletes too: revisions and tombstones must survive.
+    for i in 0..50 {
+        a.put(leader, &format!("b/{i:07}"), &json!({"v": 2})).await.unwrap();
+        let r = a
+            .client
+            .delete(a.url(leader, &format!("/v1/kv/b/{:07}", 100 + i)))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    let before = a.assert_converged(&[1, 2, 3]).await;
+    let kept = a.get(leader, "b/0000007", false).await.unwrap();
+
+    // Back up from a follower, with the CLI as an operator would.
+    let follower = others(&a, leader)[0];
+    let keep = tempfile::tempdir().unwrap();
+    let backup = keep.path().join("backup.snap");
+    let endpoint = a.url(follower, "");
+    let out = keel_cli_raw(&a, &["snapshot", "save", backup.to_str().unwrap(), "--endpoint", &endpoint]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(progress.contains("100.0%") && progress.contains("saved"), "{progress}");
+    let info: Value =
+        serde_json::from_str(&keel_cli(&a, &["snapshot", "inspect", "--json", backup.to_str().unwrap()])).unwrap();
+    assert_eq!(info["cluster"], json!(a.cluster_name));
+    assert_eq!(info["records"], before["records"]);
+    assert_eq!(info["last_log_id"]["index"], before["applied_index"]);
+    assert_eq!(info["membership"]["voters"], json!([1, 2, 3]));
+    drop(_logs);
+    drop(a);
+
+    // A new cluster: other name, CA, addresses. Node 1 is seeded from the
+    // backup; nodes 2 and 3 start empty and get the state by snapshot.
+    let b = TestCluster::prepare(3, &[]);
+    let _logs = KeepLogsOnFailure(&b, "restore");
+    let members = b
+        .extra_args
+        .iter()
+        .find_map(|a| a.strip_prefix("--initial-members="))
+        .unwrap()
+        .to_string();
+    let cfg = b.nodes[&1].config.to_str().unwrap().to_string();
+    let restore = |extra: &[&str]| {
+        let mut args = vec!["snapshot", "restore", backup.to_str().unwrap(), "--config", &cfg];
+        args.extend_from_slice(extra);
+        keel_cli_raw(&b, &args)
+    };
+    // Only the lowest id may be seeded.
+    let bad_node = restore(&["--initial-members", &members, "--node-id", "2"]);
+    assert!(!bad_node.status.success());
+    let out = restore(&["--initial-members", &members]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Never over an existing data directory.
+    assert!(!restore(&["--initial-members", &members]).status.success());
+    for id in 1..=3 {
+        b.spawn(id);
+    }
+    let leader_b = b.wait_leader().await;
+    let target = before["applied_index"].as_u64().unwrap();
+    b.wait_applied(&[1, 2, 3], target).await;
+    let after = b.assert_converged(&[1, 2, 3]).await;
+    assert_eq!(after["hash"], before["hash"], "{before} vs {after}");
+    assert_eq!(after["records"], before["records"]);
+    assert!(after["applied_index"].as_u64().unwrap() >= target);
+    // The data reads back with its revision, and the new cluster takes writes.
+    let r = b.get(leader_b, "b/0000007", false).await.unwrap();
+    assert_eq!((r.status, &r.body), (200, &kept.body));
+    let w = b.put(leader_b, "after-restore", &json!(1)).await.unwrap();
+    assert_eq!(w.status, 201, "{w:?}");
+    let s = b.status(leader_b).await.unwrap();
+    assert_eq!(s.members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(s.members[0].raft_addr, b.nodes[&1].raft_addr);
+}
