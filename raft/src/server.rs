@@ -370,6 +370,7 @@ impl PeerService {
         let start = std::time::Instant::now();
         let mut last_report = start;
         let mut received = buf.len() as u64;
+        self.hooks.snapshot_bytes(false, received);
         let mut stop: Option<Stop> = None;
         loop {
             let end_of_body = loop {
