@@ -484,13 +484,23 @@ async fn a_corrupt_stored_snapshot_is_never_sent_or_saved() {
     let endpoint = c.url(leader, "");
     let out = keel_cli_raw(
         &c,
-        &["snapshot", "save", backup.to_str().unwrap(), "--no-trigger", "--endpoint", &endpoint],
+        &[
+            "snapshot",
+            "save",
+            backup.to_str().unwrap(),
+            "--no-trigger",
+            "--endpoint",
+            &endpoint,
+        ],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("503") && err.contains("snapshot_corrupt"), "{err}");
     assert!(!backup.exists());
-    keel_cli(&c, &["snapshot", "save", backup.to_str().unwrap(), "--endpoint", &endpoint]);
+    keel_cli(
+        &c,
+        &["snapshot", "save", backup.to_str().unwrap(), "--endpoint", &endpoint],
+    );
     keel_cli(&c, &["snapshot", "inspect", backup.to_str().unwrap()]);
 }
 
@@ -519,12 +529,18 @@ async fn backup_then_restore_into_a_new_cluster_gives_the_same_state() {
     let keep = tempfile::tempdir().unwrap();
     let backup = keep.path().join("backup.snap");
     let endpoint = a.url(follower, "");
-    let out = keel_cli_raw(&a, &["snapshot", "save", backup.to_str().unwrap(), "--endpoint", &endpoint]);
+    let out = keel_cli_raw(
+        &a,
+        &["snapshot", "save", backup.to_str().unwrap(), "--endpoint", &endpoint],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let progress = String::from_utf8_lossy(&out.stderr);
     assert!(progress.contains("100.0%") && progress.contains("saved"), "{progress}");
-    let info: Value =
-        serde_json::from_str(&keel_cli(&a, &["snapshot", "inspect", "--json", backup.to_str().unwrap()])).unwrap();
+    let info: Value = serde_json::from_str(&keel_cli(
+        &a,
+        &["snapshot", "inspect", "--json", backup.to_str().unwrap()],
+    ))
+    .unwrap();
     assert_eq!(info["cluster"], json!(a.cluster_name));
     assert_eq!(info["records"], before["records"]);
     assert_eq!(info["last_log_id"]["index"], before["applied_index"]);
