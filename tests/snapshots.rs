@@ -261,7 +261,7 @@ fn keel_cli(c: &TestCluster, args: &[&str]) -> String {
 fn keel_cli_raw(c: &TestCluster, args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
     cmd.args(args);
-    if args.iter().any(|a| *a == "--endpoint") {
+    if args.contains(&"--endpoint") {
         cmd.arg("--ca")
             .arg(c.certs.join("ca.pem"))
             .arg("--cert")
