@@ -107,6 +107,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         insecure: config.insecure,
         incoming_dir: keel_storage::snapshot::incoming_dir(&config.data_dir),
         hooks: Arc::new(crate::metrics::NetMetrics),
+        inbox: Default::default(),
     });
     let peer_tls = material.as_ref().map(|m| m.peer_server_config()).transpose()?;
     let peer_task = tokio::spawn(keel_raft::serve::serve(
