@@ -53,6 +53,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/kv", get(kv_list))
         .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
         .route("/admin/state-hash", get(state_hash))
+        .merge(crate::membership::router(&state))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -60,14 +61,14 @@ pub fn router(state: ApiState) -> Router {
 
 /// Who may call a route.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Access {
+pub(crate) enum Access {
     /// Any certificate of the cluster CA.
     Client,
     /// Only an admin certificate.
     Admin,
 }
 
-fn authorize(state: &ApiState, conn: &ConnInfo, access: Access) -> Result<(), ApiError> {
+pub(crate) fn authorize(state: &ApiState, conn: &ConnInfo, access: Access) -> Result<(), ApiError> {
     if state.insecure {
         return Ok(());
     }

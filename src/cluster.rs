@@ -45,6 +45,8 @@ struct Inner {
     timeout: Duration,
     /// True once shutdown began: `/readyz` fails first.
     stopping: watch::Sender<bool>,
+    /// Asks the node to shut down as SIGTERM does (`POST /ha/shutdown`).
+    shutdown: tokio::sync::Notify,
 }
 
 /// A member as `/status` reports it.
@@ -111,6 +113,7 @@ impl Cluster {
                 pool,
                 timeout,
                 stopping,
+                shutdown: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -138,6 +141,28 @@ impl Cluster {
     /// True once shutdown began.
     pub fn is_stopping(&self) -> bool {
         *self.inner.stopping.borrow()
+    }
+
+    /// Asks the node to shut down gracefully, exactly as SIGTERM does
+    /// (readiness off, leadership handed off, requests drained). Returns at
+    /// once; the node's main task does the work.
+    pub fn request_shutdown(&self) {
+        self.inner.shutdown.notify_one();
+    }
+
+    /// Resolves once [`Cluster::request_shutdown`] was called.
+    pub async fn shutdown_requested(&self) {
+        self.inner.shutdown.notified().await
+    }
+
+    /// Connections to the other nodes.
+    pub fn pool(&self) -> &PeerPool {
+        &self.inner.pool
+    }
+
+    /// The client request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.timeout
     }
 
     /// Waits until some leader is known, up to `deadline`.

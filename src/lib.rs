@@ -14,4 +14,6 @@ pub mod cluster;
 pub mod config;
 pub mod dev_cluster;
 pub mod error;
+pub mod member_cli;
+pub mod membership;
 pub mod node;

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use crate::api;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::membership;
 
 /// Builds openraft's configuration from ours.
 fn raft_config(c: &Config) -> anyhow::Result<openraft::Config> {
@@ -74,6 +75,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let reader = storage.reader.clone();
 
     let client_tls = material.as_ref().map(|m| m.client_config(true)).transpose()?;
+    let api_client_tls = material.as_ref().map(|m| m.client_config(false)).transpose()?;
     let pool = PeerPool::new(config.node_id, &config.cluster_name, client_tls, Arc::new(NoNetHooks));
     let raft = Raft::new(
         config.node_id,
@@ -93,6 +95,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding the API port {}", config.api_listen))?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    let cluster = Cluster::new(config.node_id, raft.clone(), reader, pool, config.request_timeout);
+    let router = api::router(api::ApiState {
+        cluster: cluster.clone(),
+        insecure: config.insecure,
+    });
     let peer = Arc::new(PeerService {
         raft: raft.clone(),
         node_id: config.node_id,
@@ -100,6 +107,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         insecure: config.insecure,
         incoming_dir: keel_storage::snapshot::incoming_dir(&config.data_dir),
         hooks: Arc::new(NoNetHooks),
+        api_forward: Some(Arc::new(membership::Forwarder::new(router.clone()))),
     });
     let peer_tls = material.as_ref().map(|m| m.peer_server_config()).transpose()?;
     let peer_task = tokio::spawn(keel_raft::serve::serve(
@@ -113,11 +121,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ServeOptions::default(),
     ));
 
-    let cluster = Cluster::new(config.node_id, raft.clone(), reader, pool, config.request_timeout);
-    let router = api::router(api::ApiState {
-        cluster: cluster.clone(),
-        insecure: config.insecure,
-    });
     let api_tls = material.as_ref().map(|m| m.api_server_config()).transpose()?;
     let api_task = tokio::spawn(keel_raft::serve::serve(
         api_listener,
@@ -137,10 +140,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "node started"
     );
     bootstrap(&config, &raft, pristine).await?;
+    if let Some(url) = &config.join {
+        let plan = membership::JoinPlan {
+            url: url.clone(),
+            id: config.node_id,
+            raft_addr: config.raft_advertise.clone(),
+            api_addr: config.api_advertise.clone(),
+            auto_promote: config.auto_promote,
+            tls: api_client_tls,
+        };
+        tokio::spawn(membership::join_loop(plan, cluster.clone()));
+    }
 
-    wait_for_signal().await;
-    tracing::info!("shutting down: no longer ready, draining requests");
+    // SIGTERM, SIGINT and `POST /ha/shutdown` all stop the node the same way.
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        _ = cluster.shutdown_requested() => {}
+    }
+    tracing::info!("shutting down: no longer ready, handing off leadership, draining requests");
     cluster.begin_shutdown();
+    membership::hand_off(&cluster).await;
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(15), async {
         let _ = api_task.await;
@@ -161,7 +180,7 @@ async fn bootstrap(config: &Config, raft: &Raft, pristine: bool) -> anyhow::Resu
         return Ok(());
     }
     let Some(first) = config.initial_members.keys().next() else {
-        tracing::info!("no initial members: waiting for a leader to add this node");
+        tracing::info!("no initial members: waiting to be added to a cluster (--join, or an operator's add)");
         return Ok(());
     };
     if !config.initial_members.contains_key(&config.node_id) {

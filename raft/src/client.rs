@@ -25,6 +25,7 @@ use keel_storage::KeelNode;
 use keel_storage::NodeId;
 use keel_storage::SnapshotFile;
 use keel_storage::TypeConfig;
+use keel_storage::types::Vote;
 use openraft::base::BoxFuture;
 use openraft::base::BoxStream;
 use openraft::errors::NetworkError;
@@ -38,6 +39,7 @@ use openraft::network::v2::RaftNetworkV2;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendError;
 use openraft::raft::StreamAppendResult;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
@@ -125,6 +127,9 @@ struct PoolInner {
     tls: Option<Arc<rustls::ClientConfig>>,
     slots: std::sync::Mutex<HashMap<NodeId, Arc<Mutex<Slot>>>>,
     hooks: Arc<dyn NetHooks>,
+    /// Per peer: the highest log index it acknowledged to this node as the
+    /// leader of the given vote. See [`PeerPool::check_reversion`].
+    matched: std::sync::Mutex<HashMap<NodeId, (Vote, u64)>>,
 }
 
 impl PeerPool {
@@ -143,6 +148,7 @@ impl PeerPool {
                 tls,
                 slots: Default::default(),
                 hooks,
+                matched: Default::default(),
             }),
         }
     }
@@ -160,6 +166,40 @@ impl PeerPool {
     /// Drops the connection to `target` (e.g. after its address changed).
     pub fn forget(&self, target: NodeId) {
         self.inner.slots.lock().expect("pool lock poisoned").remove(&target);
+    }
+
+    /// Forgets what `target` acknowledged: call it when the node leaves the
+    /// membership, so that adding it again replicates to it from scratch.
+    pub fn reset_matched(&self, target: NodeId) {
+        self.inner.matched.lock().expect("pool lock poisoned").remove(&target);
+    }
+
+    /// Records that `target` holds the log up to `index` for the leader of `vote`.
+    fn note_matched(&self, target: NodeId, vote: &Vote, index: u64) {
+        let mut m = self.inner.matched.lock().expect("pool lock poisoned");
+        match m.get_mut(&target) {
+            Some((v, i)) if v == vote => *i = (*i).max(index),
+            _ => {
+                m.insert(target, (vote.clone(), index));
+            }
+        }
+    }
+
+    /// A follower that reports a conflict at or below an index it already
+    /// acknowledged to the same leader has lost its log: its data directory
+    /// was wiped or lost. openraft treats such a reversion as a bug (a debug
+    /// assertion, and replication stuck in release builds), so the conflict
+    /// is turned into a network error here and the node stays cut off until
+    /// an operator removes it and adds it again.
+    fn check_reversion(&self, target: NodeId, vote: &Vote, conflict: u64) -> Result<(), String> {
+        let m = self.inner.matched.lock().expect("pool lock poisoned");
+        match m.get(&target) {
+            Some((v, acked)) if v == vote && conflict <= *acked => Err(format!(
+                "node {target} lost log entries it had acknowledged (up to index {acked}, now missing index \
+                 {conflict}): its data was wiped or lost; remove it from the cluster and add it again"
+            )),
+            _ => Ok(()),
+        }
     }
 
     async fn sender(&self, target: NodeId, addr: &str) -> Result<SendRequest<ReqBody>, PeerError> {
@@ -397,8 +437,15 @@ impl PeerNetwork {
         // while something is outstanding.
         let pending = Arc::new(AtomicU64::new(0));
         let sent = pending.clone();
+        // Every request of one stream carries the same leader vote.
+        let stream_vote: Arc<std::sync::Mutex<Option<Vote>>> = Default::default();
+        let seen_vote = stream_vote.clone();
         let frames = input.map(move |req| {
             sent.fetch_add(1, Ordering::Relaxed);
+            seen_vote
+                .lock()
+                .expect("vote lock poisoned")
+                .get_or_insert_with(|| req.vote.clone());
             wire::frame(&req).map(hyper::body::Frame::data)
         });
         let body = http_body_util::StreamBody::new(frames).boxed_unsync();
@@ -422,33 +469,50 @@ impl PeerNetwork {
             )));
         }
         let state = (resp.into_body(), wire::FrameReader::default(), pending, false);
-        let results = futures::stream::unfold(state, move |(mut body, mut reader, pending, done)| async move {
-            if done {
-                return None;
-            }
-            loop {
-                match reader.next_message::<StreamAppendResult<TypeConfig>>() {
-                    Ok(Some(r)) => {
-                        pending.fetch_sub(1, Ordering::Relaxed);
-                        return Some((Ok(r), (body, reader, pending, false)));
-                    }
-                    Ok(None) => {}
-                    Err(e) => return Some((Err(net(e.to_string())), (body, reader, pending, true))),
+        let (pool, target) = (self.pool.clone(), self.target);
+        let results = futures::stream::unfold(state, move |(mut body, mut reader, pending, done)| {
+            let (pool, stream_vote) = (pool.clone(), stream_vote.clone());
+            async move {
+                if done {
+                    return None;
                 }
-                let next = match tokio::time::timeout(ttl, body.frame()).await {
-                    Ok(f) => f,
-                    Err(_) if pending.load(Ordering::Relaxed) == 0 => continue,
-                    Err(_) => {
-                        let e = net(format!("no append result within {ttl:?}"));
-                        return Some((Err(e), (body, reader, pending, true)));
+                loop {
+                    match reader.next_message::<StreamAppendResult<TypeConfig>>() {
+                        Ok(Some(r)) => {
+                            pending.fetch_sub(1, Ordering::Relaxed);
+                            let vote = stream_vote.lock().expect("vote lock poisoned").clone();
+                            if let Some(vote) = vote {
+                                match &r {
+                                    Ok(Some(matched)) => pool.note_matched(target, &vote, matched.index),
+                                    Err(StreamAppendError::Conflict(c)) => {
+                                        if let Err(e) = pool.check_reversion(target, &vote, c.index) {
+                                            tracing::error!(target, "{e}");
+                                            return Some((Err(net(e)), (body, reader, pending, true)));
+                                        }
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            return Some((Ok(r), (body, reader, pending, false)));
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Some((Err(net(e.to_string())), (body, reader, pending, true))),
                     }
-                };
-                match next {
-                    None => return None,
-                    Some(Err(e)) => return Some((Err(net(e.to_string())), (body, reader, pending, true))),
-                    Some(Ok(f)) => {
-                        if let Ok(d) = f.into_data() {
-                            reader.push(&d);
+                    let next = match tokio::time::timeout(ttl, body.frame()).await {
+                        Ok(f) => f,
+                        Err(_) if pending.load(Ordering::Relaxed) == 0 => continue,
+                        Err(_) => {
+                            let e = net(format!("no append result within {ttl:?}"));
+                            return Some((Err(e), (body, reader, pending, true)));
+                        }
+                    };
+                    match next {
+                        None => return None,
+                        Some(Err(e)) => return Some((Err(net(e.to_string())), (body, reader, pending, true))),
+                        Some(Ok(f)) => {
+                            if let Ok(d) = f.into_data() {
+                                reader.push(&d);
+                            }
                         }
                     }
                 }
@@ -531,7 +595,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         let io_err = |e: io::Error| StreamingError::Network(NetworkError::from_string(e.to_string()));
         let len = snapshot.snapshot.len().map_err(io_err)?;
         let envelope = wire::encode(&wire::SnapshotEnvelope {
-            vote,
+            vote: vote.clone(),
             meta: snapshot.meta.clone(),
             len,
         })
@@ -587,7 +651,11 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                 String::from_utf8_lossy(&body)
             ))));
         }
-        wire::decode(&body).map_err(io_err)
+        let resp: SnapshotResponse<TypeConfig> = wire::decode(&body).map_err(io_err)?;
+        if let Some(last) = &snapshot.meta.last_log_id {
+            self.pool.note_matched(self.target, &vote, last.index);
+        }
+        Ok(resp)
     }
 }
 
