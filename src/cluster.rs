@@ -216,25 +216,23 @@ impl Cluster {
                     Ok(Err(e)) => return Err(outcome_unknown(e)),
                 }
             } else {
-                let Some(addr) = self.raft_addr_of(leader) else {
-                    return Err(ApiError::unavailable(
-                        "no_leader",
-                        format!("leader {leader} has no known address"),
-                    ));
-                };
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                match self
-                    .inner
-                    .pool
-                    .call(leader, &addr, wire::PATH_FORWARD_WRITE, &req, remaining)
-                    .await
-                {
-                    Ok(wire::ForwardReply::Applied { index, response }) => return Ok((index, response)),
-                    Ok(wire::ForwardReply::NotLeader { .. }) => {}
-                    Ok(wire::ForwardReply::Failed(m)) => return Err(outcome_unknown(m)),
-                    // Never sent: safe to try again.
-                    Err(PeerError::Unreachable { .. }) => {}
-                    Err(e @ PeerError::Failed { .. }) => return Err(outcome_unknown(e)),
+                // A leader that was just removed from the membership has no
+                // address here until a new leader takes over: wait for it.
+                if let Some(addr) = self.raft_addr_of(leader) {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    match self
+                        .inner
+                        .pool
+                        .call(leader, &addr, wire::PATH_FORWARD_WRITE, &req, remaining)
+                        .await
+                    {
+                        Ok(wire::ForwardReply::Applied { index, response }) => return Ok((index, response)),
+                        Ok(wire::ForwardReply::NotLeader { .. }) => {}
+                        Ok(wire::ForwardReply::Failed(m)) => return Err(outcome_unknown(m)),
+                        // Never sent: safe to try again.
+                        Err(PeerError::Unreachable { .. }) => {}
+                        Err(e @ PeerError::Failed { .. }) => return Err(outcome_unknown(e)),
+                    }
                 }
             }
             if Instant::now() >= deadline {

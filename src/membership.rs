@@ -908,60 +908,88 @@ pub async fn transfer_leadership(cluster: &Cluster, to: Option<u64>) -> Result<T
                 )
             })?,
     };
+    // Other voters to hand leadership to if the target does not take over
+    // (it died or froze after the checks): the old leader no longer takes
+    // writes, so waiting for an election would stall the cluster for
+    // seconds.
+    let fallbacks: Vec<u64> = {
+        let mut v: Vec<u64> = view
+            .voters()
+            .into_iter()
+            .filter(|id| *id != view.me && *id != target && view.reachable(*id) && view.lag(*id) <= MAX_LAG)
+            .collect();
+        v.sort_by_key(|id| (view.lag(*id), *id));
+        v
+    };
     let raft = cluster.raft();
     let cfg = raft.config();
     let retrigger = Duration::from_millis(cfg.heartbeat_interval * 3);
+    let fallback_after = Duration::from_millis((cfg.election_timeout_min / 2).max(cfg.heartbeat_interval * 5));
     let deadline_after = Duration::from_millis(cfg.election_timeout_max * 2 + 1000);
     let start = Instant::now();
     tracing::info!(target, lag = view.lag(target), "transferring leadership");
+    let mut current = target;
+    let mut next_fallback = fallbacks.into_iter();
+    let mut since_switch = Instant::now();
     raft.trigger()
-        .transfer_leader(target)
+        .transfer_leader(current)
         .await
         .map_err(|e| ApiError::internal(format!("raft stopped: {e}")))?;
     let mut last_trigger = Instant::now();
     let mut rx = raft.metrics();
     loop {
-        {
+        let (state, leader) = {
             let m = rx.borrow_watched();
-            match (m.state, m.current_leader) {
-                (s, Some(l)) if l == target && s != ServerState::Leader => {
-                    let elapsed = start.elapsed();
-                    tracing::info!(
-                        target,
-                        elapsed_ms = elapsed.as_millis() as u64,
-                        "leadership transferred"
-                    );
-                    return Ok(Transferred {
-                        leader_id: target,
-                        previous_leader_id: view.me,
-                        changed: true,
-                        elapsed_ms: elapsed.as_millis() as u64,
-                    });
-                }
-                (s, Some(l)) if l != view.me && s != ServerState::Leader => {
-                    return Err(ApiError::unavailable(
-                        "transfer_failed",
-                        format!("node {l} was elected instead of node {target}"),
-                    )
-                    .with("leader_id", l));
-                }
-                _ => {}
+            (m.state, m.current_leader)
+        };
+        if let Some(l) = leader
+            && l != view.me
+            && state != ServerState::Leader
+        {
+            let elapsed = start.elapsed().as_millis() as u64;
+            if l == target || to.is_none() {
+                tracing::info!(new_leader = l, elapsed_ms = elapsed, "leadership transferred");
+                return Ok(Transferred {
+                    leader_id: l,
+                    previous_leader_id: view.me,
+                    changed: true,
+                    elapsed_ms: elapsed,
+                });
             }
+            return Err(ApiError::unavailable(
+                "transfer_failed",
+                format!("node {target} did not take over; node {l} leads instead (after {elapsed} ms)"),
+            )
+            .with("leader_id", l));
         }
         if start.elapsed() > deadline_after {
             return Err(ApiError::unavailable(
                 "transfer_timeout",
                 format!(
-                    "node {target} did not take over within {} ms; the cluster elects a leader on its own",
+                    "no node took over within {} ms; the cluster elects a leader on its own",
                     deadline_after.as_millis()
                 ),
             ));
         }
-        // The target ignores the request if some of our entries had not
-        // reached it yet; asking again sends the final last log id.
-        if last_trigger.elapsed() >= retrigger && raft.metrics().borrow_watched().state == ServerState::Leader {
-            let _ = raft.trigger().transfer_leader(target).await;
-            last_trigger = Instant::now();
+        if state == ServerState::Leader {
+            if since_switch.elapsed() >= fallback_after
+                && let Some(f) = next_fallback.next()
+            {
+                tracing::warn!(
+                    target = current,
+                    fallback = f,
+                    "the transfer target did not take over; handing leadership to another voter"
+                );
+                current = f;
+                since_switch = Instant::now();
+                let _ = raft.trigger().transfer_leader(current).await;
+                last_trigger = Instant::now();
+            } else if last_trigger.elapsed() >= retrigger {
+                // The target ignores the request if some of our entries had
+                // not reached it yet; asking again sends the final last log id.
+                let _ = raft.trigger().transfer_leader(current).await;
+                last_trigger = Instant::now();
+            }
         }
         let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
     }

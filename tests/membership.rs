@@ -1,0 +1,509 @@
+//! Membership changes and leadership with real `keel` processes: growing
+//! and shrinking under writes, leader transfer (and its refusals), the
+//! quorum check, graceful hand-off on SIGTERM, a wiped node that must not
+//! vote, and quorum-loss recovery with `keel recover --force-new-cluster`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+use common::TestCluster;
+use reqwest::Method;
+use serde_json::Value;
+use serde_json::json;
+
+/// What one load run saw.
+#[derive(Default)]
+struct Outcome {
+    acked: BTreeMap<String, Value>,
+    /// Failed or unknown writes: (node, reason).
+    failed: Vec<(u64, String)>,
+    /// Longest time one acknowledged write took.
+    max_latency: Duration,
+}
+
+/// Bounded writers: each sends at most `max_per_writer` writes, one at a
+/// time, to `targets` in turn, until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Outcome>>,
+}
+
+fn start_load(c: &Arc<TestCluster>, prefix: &str, targets: Vec<u64>, writers: usize, max_per_writer: usize) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = (0..writers)
+        .map(|w| {
+            let (c, stop, targets, prefix) = (c.clone(), stop.clone(), targets.clone(), prefix.to_string());
+            tokio::spawn(async move {
+                let mut out = Outcome::default();
+                for i in 0..max_per_writer {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("{prefix}/w{w}-{i:05}");
+                    let value = json!({"w": w, "i": i});
+                    let node = targets[(i + w) % targets.len()];
+                    let started = Instant::now();
+                    match c.put(node, &key, &value).await {
+                        Ok(r) if r.status == 201 => {
+                            out.max_latency = out.max_latency.max(started.elapsed());
+                            out.acked.insert(key, value);
+                        }
+                        Ok(r) => {
+                            out.failed.push((node, format!("{}: {}", r.status, r.body)));
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => {
+                            out.failed.push((node, e));
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    Load { stop, tasks }
+}
+
+impl Load {
+    async fn finish(self) -> Outcome {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Outcome::default();
+        for t in self.tasks {
+            let o = t.await.unwrap();
+            all.acked.extend(o.acked);
+            all.failed.extend(o.failed);
+            all.max_latency = all.max_latency.max(o.max_latency);
+        }
+        all
+    }
+}
+
+/// Waits until `node` has applied `n` more entries than now (the load runs).
+async fn wait_progress(c: &TestCluster, node: u64, n: u64) {
+    let base = c.status(node).await.map(|s| s.applied_index).unwrap_or(0);
+    c.wait_applied(&[node], base + n).await;
+}
+
+/// Every acknowledged write must be readable (linearizably) from `node`.
+async fn assert_all_present(c: &TestCluster, node: u64, prefix: &str, acked: &BTreeMap<String, Value>) {
+    let items = c.list(node, &format!("{prefix}/"), false).await;
+    let missing: Vec<&String> = acked.keys().filter(|k| !items.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "node {node} lost {} acknowledged writes, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    for (k, v) in acked {
+        assert_eq!(&items[k], v, "node {node} has a different value for {k}");
+    }
+}
+
+/// Waits until every node in `ids` names the same leader in a term above
+/// `after_term`; returns it.
+async fn wait_new_leader(c: &TestCluster, ids: &[u64], after_term: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        let mut seen = Vec::new();
+        for id in ids {
+            seen.push(c.status(*id).await.map(|s| (s.leader_id, s.term)));
+        }
+        if let Some(Some((Some(l), t))) = seen.first()
+            && *t > after_term
+            && ids.contains(l)
+            && seen.iter().all(|x| *x == Some((Some(*l), *t)))
+        {
+            return *l;
+        }
+        assert!(start.elapsed() < common::WAIT, "no new leader among {ids:?}: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn member<'a>(members: &'a Value, id: u64) -> Option<&'a Value> {
+    members["members"].as_array().unwrap().iter().find(|m| m["id"] == id)
+}
+
+fn voters(members: &Value) -> Vec<u64> {
+    members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "voter")
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect()
+}
+
+/// Repeats an admin call while it answers `retry_code` (e.g. a learner still
+/// catching up); returns the first other answer.
+async fn admin_until(c: &TestCluster, via: u64, method: Method, path: &str, retry_code: &str) -> common::Reply {
+    let start = Instant::now();
+    loop {
+        let r = c.admin_call(via, method.clone(), path, None).await.expect("admin call");
+        if r.body["error"]["code"] != retry_code {
+            return r;
+        }
+        assert!(
+            start.elapsed() < common::WAIT,
+            "{path} kept answering {retry_code}: {:?}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grow_three_to_five_and_shrink_back_under_writes_loses_nothing() {
+    let mut c = TestCluster::prepare(3, &[]);
+    c.prepare_joiner(4);
+    c.prepare_joiner(5);
+    for id in 1..=3 {
+        c.spawn(id);
+    }
+    let c = Arc::new(c);
+    c.wait_leader().await;
+
+    // Writes go to nodes 2 and 3, which stay members throughout.
+    let load = start_load(&c, "grow", vec![2, 3], 4, 5000);
+    wait_progress(&c, 2, 100).await;
+
+    // Node 4 the operator's way: add as a learner through a follower-or-leader,
+    // start it, promote it once caught up.
+    let api4 = c.nodes[&4].api_addr.clone();
+    let raft4 = c.nodes[&4].raft_addr.clone();
+    let add = json!({"id": 4, "raft_addr": raft4, "api_addr": api4});
+    let r = c
+        .admin_call(2, Method::POST, "/admin/members", Some(add.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    // The same call again changes nothing.
+    let r = c
+        .admin_call(3, Method::POST, "/admin/members", Some(add))
+        .await
+        .unwrap();
+    assert_eq!((r.status, &r.body["changed"]), (200, &json!(false)), "{:?}", r.body);
+    c.spawn(4);
+    let r = admin_until(&c, 3, Method::POST, "/admin/members/4/promote", "learner_lagging").await;
+    assert_eq!(r.status, 200, "promote 4: {:?}", r.body);
+    assert_eq!(r.body["role"], "voter");
+
+    // Node 5 joins by itself and asks to be promoted.
+    let join_url = format!("--join=https://{}", c.nodes[&3].api_addr);
+    c.spawn_with(5, &[&join_url, "--auto-promote"]);
+    c.wait_until("node 5 becomes a voter", || async {
+        c.admin_call(1, Method::GET, "/admin/members", None)
+            .await
+            .map(|r| r.status == 200 && voters(&r.body).contains(&5))
+            .unwrap_or(false)
+    })
+    .await;
+    wait_progress(&c, 5, 100).await;
+    let m = c.members(4).await;
+    assert_eq!(voters(&m), vec![1, 2, 3, 4, 5], "{m}");
+    assert_eq!(m["joint"], false);
+    for id in 1..=5 {
+        assert_eq!(member(&m, id).unwrap()["reachable"], true, "{m}");
+    }
+
+    // A change based on an outdated membership is refused.
+    let tag = m["membership_log_id"].as_str().unwrap().to_string();
+    let stale = c
+        .admin
+        .delete(c.url(2, "/admin/members/5"))
+        .header("if-match", "1-1-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 409);
+    let body: Value = stale.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "membership_changed", "{body}");
+
+    // Shrink 5 -> 3: remove node 5 (with the right If-Match), then node 1.
+    let r = c
+        .admin
+        .delete(c.url(2, "/admin/members/5"))
+        .header("if-match", format!("\"{tag}\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let r = c.admin_call(3, Method::DELETE, "/admin/members/1", None).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = c.admin_call(3, Method::DELETE, "/admin/members/1", None).await.unwrap();
+    assert_eq!((r.status, &r.body["changed"]), (200, &json!(false)), "{:?}", r.body);
+
+    let leader = c.wait_leader_among(&[2, 3, 4]).await;
+    wait_progress(&c, 2, 100).await;
+    let out = load.finish().await;
+    eprintln!(
+        "grow/shrink: {} writes acknowledged, {} failed or unknown, slowest acknowledged write {:?}",
+        out.acked.len(),
+        out.failed.len(),
+        out.max_latency
+    );
+    for f in out.failed.iter().take(5) {
+        eprintln!("  failed: {f:?}");
+    }
+    assert!(out.acked.len() >= 300, "too little progress: {}", out.acked.len());
+    let m = c.members(leader).await;
+    assert_eq!(voters(&m), vec![2, 3, 4], "{m}");
+    assert_eq!(m["members"].as_array().unwrap().len(), 3, "removed nodes are gone: {m}");
+    for id in [2, 3, 4] {
+        assert_all_present(&c, id, "grow", &out.acked).await;
+    }
+    c.assert_converged(&[2, 3, 4]).await;
+
+    // The removed nodes 1 and 5 still run; they must not disturb the
+    // cluster: no new term, same leader, over three election timeouts.
+    let term = c.status(leader).await.unwrap().term;
+    let watch_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < watch_until {
+        for id in [2, 3, 4] {
+            let s = c.status(id).await.expect("status");
+            assert_eq!(
+                (s.term, s.leader_id),
+                (term, Some(leader)),
+                "node {id}: a removed node disturbed the cluster"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(c.put(2, "after", &json!(1)).await.unwrap().status, 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transfer_leader_under_load_moves_leadership_without_a_failed_write() {
+    let c = Arc::new(TestCluster::start(3));
+    let old = c.wait_leader().await;
+    let followers: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
+    let to = followers[0];
+
+    // Writes to every node, the leader included.
+    let load = start_load(&c, "xfer", vec![1, 2, 3], 6, 5000);
+    wait_progress(&c, to, 200).await;
+    // Asked through the other follower: relayed to the leader.
+    let started = Instant::now();
+    let r = c
+        .admin_call(
+            followers[1],
+            Method::POST,
+            "/admin/transfer-leader",
+            Some(json!({"to": to})),
+        )
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["leader_id"], to);
+    assert_eq!(r.body["previous_leader_id"], old);
+    assert_eq!(c.wait_leader().await, to);
+    wait_progress(&c, to, 200).await;
+
+    // Back again with the CLI, letting keel pick the target (the most
+    // caught-up voter).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["leader", "transfer", "--endpoint"])
+        .arg(format!("https://{}", c.nodes[&old].api_addr))
+        .arg("--ca")
+        .arg(c.certs.join("ca.pem"))
+        .arg("--cert")
+        .arg(c.certs.join("admin-dev.pem"))
+        .arg("--key")
+        .arg(c.certs.join("admin-dev-key.pem"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("from node {to} to node")), "{stdout}");
+    let third = c.wait_leader().await;
+    assert_ne!(third, to);
+    wait_progress(&c, third, 200).await;
+
+    let out = load.finish().await;
+    eprintln!(
+        "transfer under load: leader {old} -> {to} answered in {took:?} (old leader refused writes for {} ms), \
+         then -> {third}; {} writes acknowledged, {} failed, slowest acknowledged write {:?}",
+        r.body["elapsed_ms"],
+        out.acked.len(),
+        out.failed.len(),
+        out.max_latency
+    );
+    assert!(
+        out.failed.is_empty(),
+        "writes failed during the transfers: {:?}",
+        out.failed
+    );
+    for id in 1..=3 {
+        assert_all_present(&c, id, "xfer", &out.acked).await;
+    }
+    c.assert_converged(&[1, 2, 3]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transfer_to_an_unreachable_node_or_a_learner_is_refused_and_writes_never_stop() {
+    let mut c = TestCluster::prepare(3, &[]);
+    c.prepare_joiner(4);
+    for id in 1..=3 {
+        c.spawn(id);
+    }
+    let c = Arc::new(c);
+    let leader = c.wait_leader().await;
+    let followers: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    let (down, up) = (followers[0], followers[1]);
+
+    // A learner that never started: not a transfer target, and too far
+    // behind to be promoted.
+    let add = json!({"id": 4, "raft_addr": c.nodes[&4].raft_addr, "api_addr": c.nodes[&4].api_addr});
+    let r = c
+        .admin_call(up, Method::POST, "/admin/members", Some(add))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    for i in 0..20 {
+        assert_eq!(c.put(up, &format!("pre/{i}"), &json!(i)).await.unwrap().status, 201);
+    }
+    let r = c
+        .admin_call(up, Method::POST, "/admin/transfer-leader", Some(json!({"to": 4})))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (409, Some("target_is_learner")),
+        "{:?}",
+        r.body
+    );
+    let r = c
+        .admin_call(up, Method::POST, "/admin/members/4/promote", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (409, Some("learner_lagging")),
+        "{:?}",
+        r.body
+    );
+    assert!(r.body["error"]["lag"].as_u64().unwrap() > 20, "{:?}", r.body);
+    let r = c
+        .admin_call(up, Method::POST, "/admin/transfer-leader", Some(json!({"to": 9})))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (409, Some("target_not_member")),
+        "{:?}",
+        r.body
+    );
+
+    c.kill(down);
+    c.wait_until("the leader sees the killed node as unreachable", || async {
+        let m = c.members(leader).await;
+        member(&m, down).unwrap()["reachable"] == false
+    })
+    .await;
+    let load = start_load(&c, "unreach", vec![leader, up], 4, 5000);
+    wait_progress(&c, up, 100).await;
+    let r = c
+        .admin_call(up, Method::POST, "/admin/transfer-leader", Some(json!({"to": down})))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (409, Some("target_unreachable")),
+        "{:?}",
+        r.body
+    );
+    // Nothing started: the leader stays and writes keep flowing.
+    wait_progress(&c, up, 200).await;
+    assert_eq!(c.wait_leader_among(&[leader, up]).await, leader);
+    let out = load.finish().await;
+    eprintln!(
+        "refused transfer: {} writes acknowledged, {} failed, slowest acknowledged write {:?}",
+        out.acked.len(),
+        out.failed.len(),
+        out.max_latency
+    );
+    assert!(out.failed.is_empty(), "writes failed: {:?}", out.failed);
+    assert!(
+        out.max_latency < Duration::from_secs(1),
+        "writes stalled for {:?}",
+        out.max_latency
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_target_mid_transfer_leaves_a_leader_within_two_election_timeouts() {
+    let c = Arc::new(TestCluster::start(3));
+    let old = c.wait_leader().await;
+    let followers: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
+    let (target, other) = (followers[0], followers[1]);
+    let load = start_load(&c, "midxfer", vec![old, other], 4, 5000);
+    wait_progress(&c, other, 100).await;
+
+    // Freeze the target so that it cannot take over, start the transfer
+    // while the leader still counts it as reachable, then kill it.
+    let pid = c.nodes[&target].pid().unwrap();
+    let transfer = {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            common::signal(pid, nix::sys::signal::Signal::SIGSTOP);
+            let c2 = c.clone();
+            let task = tokio::spawn(async move {
+                c2.admin_call(old, Method::POST, "/admin/transfer-leader", Some(json!({"to": target})))
+                    .await
+                    .unwrap()
+            });
+            // The refusal comes at once; an accepted transfer waits for
+            // the target (which cannot answer).
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if !task.is_finished() {
+                break task;
+            }
+            let r = task.await.unwrap();
+            common::signal(pid, nix::sys::signal::Signal::SIGCONT);
+            assert!(attempt < 5, "the transfer never started: {:?}", r.body);
+            c.wait_until("the target answers again", || async {
+                member(&c.members(old).await, target).unwrap()["reachable"] == true
+            })
+            .await;
+        }
+    };
+    let term = c.status(old).await.unwrap().term;
+    c.kill(target);
+    let killed = Instant::now();
+    let new = wait_new_leader(&c, &[old, other], term).await;
+    let recovered = killed.elapsed();
+    let r = transfer.await.unwrap();
+    assert_eq!(r.status, 503, "the transfer cannot have succeeded: {:?}", r.body);
+    wait_progress(&c, other, 100).await;
+    let out = load.finish().await;
+    eprintln!(
+        "target {target} killed mid-transfer: node {new} leads {recovered:?} after the kill; transfer answered {} {}; \
+         {} writes acknowledged, {} failed or unknown, slowest acknowledged write {:?}",
+        r.status,
+        r.body["error"]["code"],
+        out.acked.len(),
+        out.failed.len(),
+        out.max_latency
+    );
+    // Two election timeouts of 2 s (the configured maximum).
+    assert!(
+        recovered < Duration::from_secs(4),
+        "no leader within two election timeouts: {recovered:?}"
+    );
+    for id in [old, other] {
+        assert_all_present(&c, id, "midxfer", &out.acked).await;
+    }
+}
