@@ -507,3 +507,142 @@ async fn killing_the_target_mid_transfer_leaves_a_leader_within_two_election_tim
         assert_all_present(&c, id, "midxfer", &out.acked).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quorum_check_refuses_removing_a_voter_while_another_is_down_and_force_overrides() {
+    let c = Arc::new(TestCluster::start(3));
+    let leader = c.wait_leader().await;
+    let followers: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    let (down, other) = (followers[0], followers[1]);
+    assert_eq!(c.put(leader, "q/1", &json!(1)).await.unwrap().status, 201);
+
+    c.kill(down);
+    c.wait_until("the leader sees the killed node as unreachable", || async {
+        member(&c.members(leader).await, down).unwrap()["reachable"] == false
+    })
+    .await;
+    // Removing the live follower would leave {leader, down}: one of two up.
+    let r = c
+        .admin_call(other, Method::DELETE, &format!("/admin/members/{other}"), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 409, "{:?}", r.body);
+    assert_eq!(r.body["error"]["code"], "quorum_at_risk", "{:?}", r.body);
+    assert_eq!(r.body["error"]["needed"], 2, "{:?}", r.body);
+    assert_eq!(voters(&c.members(leader).await).len(), 3, "nothing changed");
+    // The same through the CLI: refused with the reason.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["member", "remove", &other.to_string(), "--endpoint"])
+        .arg(format!("https://{}", c.nodes[&leader].api_addr))
+        .arg("--ca")
+        .arg(c.certs.join("ca.pem"))
+        .arg("--cert")
+        .arg(c.certs.join("admin-dev.pem"))
+        .arg("--key")
+        .arg(c.certs.join("admin-dev-key.pem"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && stderr.contains("quorum_at_risk"), "{stderr}");
+    // A client (non-admin) certificate may not change the membership.
+    let r = c
+        .client
+        .delete(c.url(other, &format!("/admin/members/{other}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // force=true overrides the check. The new configuration {leader, down}
+    // cannot commit until the down node is back, so bring it back.
+    let forced = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.admin_call(leader, Method::DELETE, &format!("/admin/members/{other}?force=true"), None)
+                .await
+                .unwrap()
+        })
+    };
+    c.wait_until("the forced change is under way (joint configuration)", || async {
+        c.members(leader).await["joint"] == true
+    })
+    .await;
+    c.spawn(down);
+    let r = forced.await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let l = c.wait_leader_among(&[leader, down]).await;
+    let m = c.members(l).await;
+    let mut v = voters(&m);
+    v.sort();
+    let mut want = vec![leader, down];
+    want.sort();
+    assert_eq!(v, want, "{m}");
+    let got = c.get(down, "q/1", false).await.unwrap();
+    assert_eq!(got.body["value"], json!(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_node_cannot_vote_until_removed_and_added_again() {
+    let c = Arc::new(TestCluster::start(3));
+    let leader = c.wait_leader().await;
+    // Wipe a follower other than node 1 (the initializer).
+    let wiped = (2..=3).rev().find(|i| *i != leader).unwrap();
+    let survivor = (1..=3).find(|i| *i != leader && *i != wiped).unwrap();
+    for i in 0..100 {
+        assert_eq!(c.put(leader, &format!("wipe/{i:03}"), &json!(i)).await.unwrap().status, 201);
+    }
+    c.wait_applied(&[wiped], c.status(leader).await.unwrap().commit_index).await;
+    c.kill(wiped);
+    c.wipe(wiped);
+    c.spawn(wiped);
+    // The leader keeps serving (a follower whose log went backwards must not
+    // bring it down) and never replicates into the wiped node's empty log.
+    c.wait_until("the leader sees the wiped node as unreachable", || async {
+        member(&c.members(leader).await, wiped).unwrap()["reachable"] == false
+    })
+    .await;
+    for i in 100..120 {
+        assert_eq!(c.put(leader, &format!("wipe/{i:03}"), &json!(i)).await.unwrap().status, 201);
+    }
+    assert!(c.exited(leader).is_none(), "the leader died:\n{}", c.log_tail(leader));
+    assert_eq!(c.status(wiped).await.unwrap().last_log_index, 0);
+
+    // Without the leader, the survivor needs the wiped node's vote: it must
+    // not get it. No leader for three election timeouts.
+    let term = c.status(survivor).await.unwrap().term;
+    c.kill(leader);
+    let watch_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < watch_until {
+        for id in [survivor, wiped] {
+            let s = c.status(id).await.expect("status");
+            assert!(s.role != "leader", "node {id} became leader with the wiped node's vote: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(c.status(wiped).await.unwrap().last_log_index, 0);
+    let s = c.status(survivor).await.unwrap();
+    assert_eq!(s.term, term, "pre-vote keeps the term: {s:?}");
+
+    // The old leader returns: a leader again, every write still there.
+    c.spawn(leader);
+    let l = c.wait_leader_among(&[leader, survivor]).await;
+    let items = c.list(l, "wipe/", false).await;
+    assert_eq!(items.len(), 120);
+
+    // Remove the wiped node, then let it join again from scratch.
+    let r = c
+        .admin_call(l, Method::DELETE, &format!("/admin/members/{wiped}"), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    c.kill(wiped);
+    c.wipe(wiped);
+    let join_url = format!("--join=https://{}", c.nodes[&l].api_addr);
+    c.spawn_with(wiped, &[&join_url, "--auto-promote"]);
+    c.wait_until("the re-added node becomes a voter", || async {
+        voters(&c.members(l).await).contains(&wiped)
+    })
+    .await;
+    assert_eq!(c.list(wiped, "wipe/", false).await.len(), 120);
+    c.assert_converged(&[1, 2, 3]).await;
+}
