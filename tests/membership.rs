@@ -558,9 +558,14 @@ async fn quorum_check_refuses_removing_a_voter_while_another_is_down_and_force_o
     let forced = {
         let c = c.clone();
         tokio::spawn(async move {
-            c.admin_call(leader, Method::DELETE, &format!("/admin/members/{other}?force=true"), None)
-                .await
-                .unwrap()
+            c.admin_call(
+                leader,
+                Method::DELETE,
+                &format!("/admin/members/{other}?force=true"),
+                None,
+            )
+            .await
+            .unwrap()
         })
     };
     c.wait_until("the forced change is under way (joint configuration)", || async {
@@ -589,9 +594,13 @@ async fn a_wiped_node_cannot_vote_until_removed_and_added_again() {
     let wiped = (2..=3).rev().find(|i| *i != leader).unwrap();
     let survivor = (1..=3).find(|i| *i != leader && *i != wiped).unwrap();
     for i in 0..100 {
-        assert_eq!(c.put(leader, &format!("wipe/{i:03}"), &json!(i)).await.unwrap().status, 201);
+        assert_eq!(
+            c.put(leader, &format!("wipe/{i:03}"), &json!(i)).await.unwrap().status,
+            201
+        );
     }
-    c.wait_applied(&[wiped], c.status(leader).await.unwrap().commit_index).await;
+    c.wait_applied(&[wiped], c.status(leader).await.unwrap().commit_index)
+        .await;
     c.kill(wiped);
     c.wipe(wiped);
     c.spawn(wiped);
@@ -602,7 +611,10 @@ async fn a_wiped_node_cannot_vote_until_removed_and_added_again() {
     })
     .await;
     for i in 100..120 {
-        assert_eq!(c.put(leader, &format!("wipe/{i:03}"), &json!(i)).await.unwrap().status, 201);
+        assert_eq!(
+            c.put(leader, &format!("wipe/{i:03}"), &json!(i)).await.unwrap().status,
+            201
+        );
     }
     assert!(c.exited(leader).is_none(), "the leader died:\n{}", c.log_tail(leader));
     assert_eq!(c.status(wiped).await.unwrap().last_log_index, 0);
@@ -615,7 +627,10 @@ async fn a_wiped_node_cannot_vote_until_removed_and_added_again() {
     while Instant::now() < watch_until {
         for id in [survivor, wiped] {
             let s = c.status(id).await.expect("status");
-            assert!(s.role != "leader", "node {id} became leader with the wiped node's vote: {s:?}");
+            assert!(
+                s.role != "leader",
+                "node {id} became leader with the wiped node's vote: {s:?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -645,4 +660,129 @@ async fn a_wiped_node_cannot_vote_until_removed_and_added_again() {
     .await;
     assert_eq!(c.list(wiped, "wipe/", false).await.len(), 120);
     c.assert_converged(&[1, 2, 3]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn force_new_cluster_on_the_last_survivor_keeps_its_writes_and_grows_back_to_three() {
+    let mut c = TestCluster::prepare(3, &[]);
+    c.prepare_joiner(4);
+    c.prepare_joiner(5);
+    for id in 1..=3 {
+        c.spawn(id);
+    }
+    let c = Arc::new(c);
+    c.wait_leader().await;
+    let load = start_load(&c, "fnc", vec![1, 2, 3], 4, 5000);
+    wait_progress(&c, 1, 300).await;
+    // Lose two nodes and their data mid-load.
+    c.kill(2);
+    c.kill(3);
+    let out = load.finish().await;
+    c.wipe(2);
+    c.wipe(3);
+    // What the survivor holds (applied) before recovery.
+    let had = c.list(1, "fnc/", true).await;
+    eprintln!(
+        "survivor holds {} of {} acknowledged writes ({} failed or unknown once quorum was lost)",
+        had.len(),
+        out.acked.len(),
+        out.failed.len()
+    );
+    assert!(had.len() >= 300, "{}", had.len());
+    c.kill(1);
+
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["recover", "--force-new-cluster", "--config"])
+        .arg(&c.nodes[&1].config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
+    assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("only member"), "{stdout}");
+    // Running it without --force-new-cluster does nothing.
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["recover", "--config"])
+        .arg(&c.nodes[&1].config)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+
+    c.spawn(1);
+    c.wait_until("node 1 leads its one-node cluster", || async {
+        c.status(1).await.is_some_and(|s| s.role == "leader")
+    })
+    .await;
+    let m = c.members(1).await;
+    assert_eq!(voters(&m), vec![1], "{m}");
+    let now = c.list(1, "fnc/", false).await;
+    for (k, v) in &had {
+        assert_eq!(now.get(k), Some(v), "the survivor lost {k}");
+    }
+    assert_eq!(c.put(1, "fnc-after", &json!(1)).await.unwrap().status, 201);
+
+    // Grow back to three with new nodes joining.
+    let join_url = format!("--join=https://{}", c.nodes[&1].api_addr);
+    c.spawn_with(4, &[&join_url, "--auto-promote"]);
+    c.spawn_with(5, &[&join_url, "--auto-promote"]);
+    c.wait_until("nodes 4 and 5 become voters", || async {
+        voters(&c.members(1).await) == vec![1, 4, 5]
+    })
+    .await;
+    for id in [4, 5] {
+        let got = c.list(id, "fnc/", false).await;
+        assert_eq!(got.len(), now.len(), "node {id}");
+        for (k, v) in &had {
+            assert_eq!(got.get(k), Some(v), "node {id} lacks {k}");
+        }
+    }
+    c.assert_converged(&[1, 4, 5]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_and_ha_shutdown_hand_off_leadership_before_exiting() {
+    let c = Arc::new(TestCluster::start(3));
+    let first = c.wait_leader().await;
+    let rest: Vec<u64> = (1..=3).filter(|i| *i != first).collect();
+    // Writes go to the nodes that stay up.
+    let load = start_load(&c, "handoff", rest.clone(), 4, 5000);
+    wait_progress(&c, rest[0], 100).await;
+    let term = c.status(rest[0]).await.unwrap().term;
+    let started = Instant::now();
+    let status = c.terminate(first);
+    let stopped = started.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    let second = wait_new_leader(&c, &rest, term).await;
+    let handoff = started.elapsed();
+    assert!(
+        c.log_tail(first).contains("leadership handed off"),
+        "{}",
+        c.log_tail(first)
+    );
+    wait_progress(&c, second, 100).await;
+    let out = load.finish().await;
+    eprintln!(
+        "SIGTERM on leader {first}: node {second} leads {handoff:?} later (process exited after {stopped:?}); \
+         {} writes acknowledged, {} failed, slowest acknowledged write {:?}",
+        out.acked.len(),
+        out.failed.len(),
+        out.max_latency
+    );
+    assert!(out.failed.is_empty(), "{:?}", out.failed);
+    // No election timeout was waited for.
+    assert!(out.max_latency < Duration::from_secs(1), "{:?}", out.max_latency);
+
+    // The same over the API: POST /ha/shutdown to the new leader.
+    c.spawn(first);
+    c.wait_ready(first).await;
+    let term = c.status(second).await.unwrap().term;
+    let r = c.admin_call(second, Method::POST, "/ha/shutdown", None).await.unwrap();
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let survivors: Vec<u64> = (1..=3).filter(|i| *i != second).collect();
+    let third = wait_new_leader(&c, &survivors, term).await;
+    c.wait_until("the node exits after /ha/shutdown", || async {
+        c.exited(second).is_some()
+    })
+    .await;
+    assert!(c.exited(second).unwrap().success());
+    assert_eq!(c.put(third, "after", &json!(1)).await.unwrap().status, 201);
 }

@@ -440,7 +440,15 @@ impl PeerNetwork {
         // Every request of one stream carries the same leader vote.
         let stream_vote: Arc<std::sync::Mutex<Option<Vote>>> = Default::default();
         let seen_vote = stream_vote.clone();
-        let frames = input.map(move |req| {
+        // openraft sleeps out its retry backoff while producing the first
+        // request of a stream. Take that request before connecting: an
+        // unreachable peer is then retried at the backoff's pace instead of
+        // in a busy loop of instant connect refusals.
+        let mut input = input;
+        let Some(first) = input.next().await else {
+            return Ok(Box::pin(futures::stream::empty()));
+        };
+        let frames = futures::stream::iter([first]).chain(input).map(move |req| {
             sent.fetch_add(1, Ordering::Relaxed);
             seen_vote
                 .lock()
