@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what a fresh Debian machine with only Rust lacks to build keel:
+# Installs what a fresh Debian machine with only Rust lacks to build and test keel:
 # libclang (RocksDB's Rust bindings are generated with bindgen) and a C++
 # compiler (RocksDB itself is compiled from source).
 set -euo pipefail
@@ -18,4 +18,10 @@ if [ "${#need[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq >/dev/null
   $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# schemathesis fuzzes the API from its OpenAPI document in the test suite.
+if ! command -v st >/dev/null 2>&1; then
+  echo "installing schemathesis (PyPI)" >&2
+  python3 -m pip install --quiet schemathesis
 fi

@@ -42,6 +42,8 @@ pub struct ApiState {
     pub cluster: Cluster,
     /// No TLS: every caller is trusted.
     pub insecure: bool,
+    /// Fan-out of applied changes to watchers.
+    pub watch: crate::watch::WatchHub,
 }
 
 /// Builds the router.
@@ -50,13 +52,53 @@ pub fn router(state: ApiState) -> Router {
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
+        .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
         .route("/v1/kv", get(kv_list))
         .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
         .route("/admin/state-hash", get(state_hash))
+        .route("/v1/watch", get(crate::watch::watch))
+        .merge(crate::control_api::routes())
         .merge(crate::membership::router(&state))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Turns the plain-text rejections of axum's extractors (413 body too large,
+/// 405 method not allowed, 415, malformed paths) into the API's one JSON
+/// error shape, so every error a client sees looks the same.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("text/event-stream"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::NOT_FOUND => "not_found",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let mut message = String::from_utf8_lossy(&text).trim().to_string();
+    if message.is_empty() {
+        message = status.canonical_reason().unwrap_or("error").to_string();
+    }
+    let mut out = ApiError::new(status, code, message).into_response();
+    for (k, v) in parts.headers.iter() {
+        if k == axum::http::header::ALLOW || k == "retry-after" {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 /// Who may call a route.
@@ -143,8 +185,26 @@ fn kv_key(key: &str) -> Result<String, ApiError> {
     Ok(format!("kv/{key}"))
 }
 
+/// Reads the optional `Idempotency-Key` header: a retried write with the
+/// same key applies once and gets the first answer.
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| ApiError::bad_request("invalid_header", "Idempotency-Key is not ASCII"))?;
+    if v.is_empty() || v.len() > 128 || v.chars().any(|c| c.is_control()) {
+        return Err(ApiError::bad_request(
+            "invalid_header",
+            "Idempotency-Key must be 1-128 printable characters",
+        ));
+    }
+    Ok(Some(v.to_string()))
+}
+
 /// Parses `If-Match: <revision>` and `If-None-Match: *` into a precondition.
-fn precondition(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
+pub(crate) fn precondition(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
     let get = |name: &str| -> Result<Option<String>, ApiError> {
         headers
             .get(name)
@@ -192,7 +252,7 @@ struct ListParams {
 }
 
 /// Makes the read linearizable unless `?consistency=stale`.
-async fn consistent(s: &ApiState, consistency: Option<&str>) -> Result<(), ApiError> {
+pub(crate) async fn consistent(s: &ApiState, consistency: Option<&str>) -> Result<(), ApiError> {
     match consistency {
         None | Some("linearizable") => s.cluster.linearize().await,
         Some("stale") => Ok(()),
@@ -214,7 +274,7 @@ fn object_json(key: &str, o: &Object) -> Value {
     })
 }
 
-fn with_revision(mut r: Response, revision: u64) -> Response {
+pub(crate) fn with_revision(mut r: Response, revision: u64) -> Response {
     r.headers_mut().insert("x-keel-revision", revision.into());
     r
 }
@@ -283,7 +343,7 @@ async fn kv_put(
         value: serde_json::to_vec(&value).expect("a parsed value serializes"),
         expect,
     };
-    write_response(s.cluster.propose(command).await?)
+    write_response(s.cluster.propose(command, idempotency_key(&headers)?).await?)
 }
 
 async fn kv_delete(
@@ -295,34 +355,89 @@ async fn kv_delete(
     authorize(&s, &conn, Access::Client)?;
     let key = kv_key(&key)?;
     let expect = precondition(&headers)?;
-    write_response(s.cluster.propose(Command::Delete { key, expect }).await?)
+    let idem = idempotency_key(&headers)?;
+    write_response(s.cluster.propose(Command::Delete { key, expect }, idem).await?)
+}
+
+/// The JSON form of a state-machine answer (used inside transactions too).
+pub(crate) fn response_json(r: &keel_storage::model::Response) -> Value {
+    use keel_storage::model::Response as R;
+    match r {
+        R::None => json!({}),
+        R::Written { revision, created } => json!({"revision": revision, "created": created}),
+        R::Deleted { revision } => json!({"revision": revision, "deleted": true}),
+        R::Conflict { current_revision } => json!({"conflict": true, "current_revision": current_revision}),
+        R::NotFound => json!({"not_found": true}),
+        R::Invalid(m) => json!({"rejected": m}),
+        R::Acquired {
+            granted,
+            remaining,
+            retry_after_ms,
+            revision,
+        } => {
+            json!({"granted": granted, "remaining": remaining, "retry_after_ms": retry_after_ms, "revision": revision})
+        }
+        R::Counter { value, revision } => json!({"value": value, "revision": revision}),
+        R::Expired { workers, affinities } => json!({"workers": workers, "affinities": affinities}),
+        R::Txn {
+            succeeded,
+            revision,
+            results,
+        } => {
+            json!({"succeeded": succeeded, "revision": revision, "results": results.iter().map(response_json).collect::<Vec<_>>()})
+        }
+    }
 }
 
 /// Maps the state machine's answer to a write onto HTTP.
-fn write_response((index, response): (u64, keel_storage::model::Response)) -> Result<Response, ApiError> {
+pub(crate) fn write_response((index, response): (u64, keel_storage::model::Response)) -> Result<Response, ApiError> {
     use keel_storage::model::Response as R;
+    let body = response_json(&response);
     match response {
         R::Written { revision, created } => {
             let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-            Ok(with_revision(
-                (status, Json(json!({"revision": revision, "created": created}))).into_response(),
-                revision,
-            ))
+            Ok(with_revision((status, Json(body)).into_response(), revision))
         }
-        R::Deleted { revision } => Ok(with_revision(
-            Json(json!({"revision": revision})).into_response(),
+        R::Deleted { revision } | R::Counter { revision, .. } | R::Txn { revision, .. } => {
+            Ok(with_revision(Json(body).into_response(), revision))
+        }
+        R::Acquired {
+            granted: true,
             revision,
-        )),
+            ..
+        } => Ok(with_revision(Json(body).into_response(), revision)),
+        R::Acquired {
+            granted: false,
+            remaining,
+            retry_after_ms,
+            ..
+        } => {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                match retry_after_ms {
+                    Some(ms) => format!("not enough tokens; retry after {ms} ms"),
+                    None => "not enough tokens, and there never will be: the request exceeds the limit".to_string(),
+                },
+            )
+            .with("granted", false)
+            .with("remaining", remaining)
+            .with("retry_after_ms", retry_after_ms);
+            e.retry_after = retry_after_ms.map(|ms| ms.div_ceil(1000).max(1));
+            Err(e)
+        }
         R::Conflict { current_revision } => Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
             match current_revision {
                 Some(r) => format!("precondition failed: the current revision is {r}"),
-                None => "precondition failed: the key does not exist".to_string(),
+                None => "precondition failed: the object does not exist".to_string(),
             },
         )
         .with("current_revision", current_revision)),
-        R::NotFound => Err(ApiError::not_found("no such key").with("revision", index)),
+        R::NotFound => Err(ApiError::not_found("no such object").with("revision", index)),
+        R::Invalid(m) => Err(ApiError::new(StatusCode::CONFLICT, "rejected", m)),
+        R::Expired { .. } => Ok(Json(body).into_response()),
         R::None => Err(ApiError::internal("the state machine gave no answer to a write")),
     }
 }

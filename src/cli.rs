@@ -14,26 +14,26 @@ use crate::cluster::StatusView;
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// A node's API URL, e.g. https://127.0.0.1:7001.
-    #[arg(long, env = "KEEL_ENDPOINT")]
+    #[arg(long, env = "KEEL_ENDPOINT", global = true)]
     pub endpoint: Option<String>,
     /// A `cluster.json` written by `keel dev-cluster`: supplies the endpoint
     /// (first node) and certificate paths not given otherwise.
-    #[arg(long, env = "KEEL_CLUSTER_FILE")]
+    #[arg(long, env = "KEEL_CLUSTER_FILE", global = true)]
     pub cluster_file: Option<PathBuf>,
     /// CA certificate (PEM).
-    #[arg(long, env = "KEEL_CA")]
+    #[arg(long, env = "KEEL_CA", global = true)]
     pub ca: Option<PathBuf>,
     /// Client certificate (PEM).
-    #[arg(long, env = "KEEL_CERT")]
+    #[arg(long, env = "KEEL_CERT", global = true)]
     pub cert: Option<PathBuf>,
     /// Client private key (PEM).
-    #[arg(long, env = "KEEL_KEY")]
+    #[arg(long, env = "KEEL_KEY", global = true)]
     pub key: Option<PathBuf>,
     /// Use the admin certificate from the cluster file.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub admin: bool,
     /// Request timeout in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, global = true)]
     pub timeout_secs: u64,
 }
 

@@ -83,7 +83,8 @@ pub struct StatusView {
     pub members: Vec<MemberView>,
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch on this node's clock.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -197,9 +198,14 @@ impl Cluster {
 
     /// Proposes `command` through the leader and returns the log index it
     /// was applied at and the state machine's response.
-    pub async fn propose(&self, command: Command) -> Result<(u64, Response), ApiError> {
+    pub async fn propose(
+        &self,
+        command: Command,
+        idempotency_key: Option<String>,
+    ) -> Result<(u64, Response), ApiError> {
         let req = Request {
             time_ms: now_ms(),
+            idempotency_key,
             command,
         };
         let deadline = Instant::now() + self.inner.timeout;
@@ -216,8 +222,9 @@ impl Cluster {
                     Ok(Err(e)) => return Err(outcome_unknown(e)),
                 }
             } else {
-                // A leader that was just removed from the membership has no
-                // address here until a new leader takes over: wait for it.
+                // A node that knows the leader's id before it has applied
+                // the membership naming its address, or whose leader was just
+                // removed from the membership (it steps down soon), waits.
                 if let Some(addr) = self.raft_addr_of(leader) {
                     let remaining = deadline.saturating_duration_since(Instant::now());
                     match self

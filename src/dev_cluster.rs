@@ -139,6 +139,9 @@ pub async fn run(nodes: u64, dir: &Path) -> anyhow::Result<()> {
     if !(1..=9).contains(&nodes) {
         bail!("--nodes must be 1-9, got {nodes}");
     }
+    // Take over Ctrl-C before any node exists, so an early interrupt still
+    // stops the nodes instead of killing only us.
+    let mut signals = Signals::new()?;
     let dir = std::path::absolute(dir)?;
     keel_storage::fsutil::create_private_dir(&dir)?;
     let certs = dir.join("certs");
@@ -194,7 +197,10 @@ pub async fn run(nodes: u64, dir: &Path) -> anyhow::Result<()> {
     let cluster_json = dir.join("cluster.json");
     keel_storage::fsutil::write_atomic(&cluster_json, serde_json::to_string_pretty(&file)?.as_bytes())?;
 
-    let leader = wait_for_leader(&file, Duration::from_secs(90)).await;
+    let leader = tokio::select! {
+        l = wait_for_leader(&file, Duration::from_secs(90)) => Some(l),
+        _ = signals.recv() => None,
+    };
     println!("keel dev cluster {cluster_name:?} ({nodes} nodes) in {}", dir.display());
     for n in &file.nodes {
         println!(
@@ -205,15 +211,17 @@ pub async fn run(nodes: u64, dir: &Path) -> anyhow::Result<()> {
             dir.join(format!("node-{}/keel.log", n.id)).display()
         );
     }
-    match leader {
-        Ok(l) => println!("leader: node {l}"),
-        Err(e) => println!("warning: no agreed leader yet: {e:#}"),
+    match &leader {
+        Some(Ok(l)) => println!("leader: node {l}"),
+        Some(Err(e)) => println!("warning: no agreed leader yet: {e:#}"),
+        None => {}
     }
-    println!("cluster file: {}", cluster_json.display());
-    println!("try: keel status --cluster-file {}", cluster_json.display());
-    println!("Ctrl-C stops every node.");
-
-    wait_signal_or_exit(&mut children).await;
+    if leader.is_some() {
+        println!("cluster file: {}", cluster_json.display());
+        println!("try: keel status --cluster-file {}", cluster_json.display());
+        println!("Ctrl-C stops every node.");
+        wait_signal_or_exit(&mut children, &mut signals).await;
+    }
     println!("stopping nodes...");
     for (_, c) in &children {
         if let Some(pid) = c.id() {
@@ -240,16 +248,35 @@ fn terminate(pid: u32) {
     }
 }
 
-async fn wait_signal_or_exit(children: &mut [(u64, tokio::process::Child)]) {
-    use tokio::signal::unix::SignalKind;
-    use tokio::signal::unix::signal;
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+/// SIGINT and SIGTERM, installed once.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::SignalKind;
+        use tokio::signal::unix::signal;
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+async fn wait_signal_or_exit(children: &mut [(u64, tokio::process::Child)], signals: &mut Signals) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
+            _ = signals.recv() => return,
             _ = tick.tick() => {
                 for (id, c) in children.iter_mut() {
                     if let Ok(Some(st)) = c.try_wait() {

@@ -41,6 +41,41 @@ enum Cmd {
     Leader(keel::member_cli::LeaderCmd),
     /// Recover a stopped node after the loss of quorum (unsafe; see the README).
     Recover(Box<keel::member_cli::RecoverArgs>),
+    /// Workers: list, get, put, rm.
+    Worker {
+        #[command(flatten)]
+        client: keel::cli::ClientArgs,
+        #[command(subcommand)]
+        cmd: keel::resource_cli::WorkerCmd,
+    },
+    /// Routing policies: list, get, put, rm.
+    Policy {
+        #[command(flatten)]
+        client: keel::cli::ClientArgs,
+        #[command(subcommand)]
+        cmd: keel::resource_cli::PolicyCmd,
+    },
+    /// Rate limits: list, get, put, acquire, rm.
+    Ratelimit {
+        #[command(flatten)]
+        client: keel::cli::ClientArgs,
+        #[command(subcommand)]
+        cmd: keel::resource_cli::RateLimitCmd,
+    },
+    /// Print changes under a prefix as JSON lines.
+    Watch {
+        #[command(flatten)]
+        client: keel::cli::ClientArgs,
+        /// Key prefix, e.g. workers/.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// First revision to print (default: the next change).
+        #[arg(long)]
+        from_revision: Option<u64>,
+        /// Stop after this many events.
+        #[arg(long)]
+        max_events: Option<u64>,
+    },
     /// Run a local cluster on loopback with generated certificates until Ctrl-C.
     DevCluster {
         /// Number of nodes.
@@ -135,6 +170,15 @@ fn main() -> std::process::ExitCode {
             Cmd::Member(c) => keel::member_cli::member(c).await,
             Cmd::Leader(c) => keel::member_cli::leader(c).await,
             Cmd::Recover(a) => keel::member_cli::recover(*a).await,
+            Cmd::Worker { client, cmd } => keel::resource_cli::worker(&client, cmd).await,
+            Cmd::Policy { client, cmd } => keel::resource_cli::policy(&client, cmd).await,
+            Cmd::Ratelimit { client, cmd } => keel::resource_cli::ratelimit(&client, cmd).await,
+            Cmd::Watch {
+                client,
+                prefix,
+                from_revision,
+                max_events,
+            } => keel::resource_cli::watch(&client, &prefix, from_revision, max_events).await,
             Cmd::DevCluster { nodes, dir } => {
                 init_logging(false, "warn");
                 keel::dev_cluster::run(nodes, &dir).await

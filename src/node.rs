@@ -96,9 +96,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let cluster = Cluster::new(config.node_id, raft.clone(), reader, pool, config.request_timeout);
+    let watch = crate::watch::WatchHub::start(cluster.reader().clone());
     let router = api::router(api::ApiState {
         cluster: cluster.clone(),
         insecure: config.insecure,
+        watch,
     });
     let peer = Arc::new(PeerService {
         raft: raft.clone(),
@@ -121,6 +123,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ServeOptions::default(),
     ));
 
+    tokio::spawn(crate::expiry::run(cluster.clone(), stop_rx.clone()));
     let api_tls = material.as_ref().map(|m| m.api_server_config()).transpose()?;
     let api_task = tokio::spawn(keel_raft::serve::serve(
         api_listener,

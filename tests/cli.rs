@@ -139,3 +139,54 @@ async fn dev_cluster_starts_three_nodes_and_stops_them_on_ctrl_c() {
         assert!(!alive, "node {} (pid {}) still running", n.id, n.pid);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_commands_put_get_list_and_remove_a_worker() {
+    let c = TestCluster::start(1);
+    c.wait_leader().await;
+    let p = &c.nodes[&1];
+    let creds = |cmd: &mut Command| {
+        cmd.arg("--endpoint")
+            .arg(format!("https://{}", p.api_addr))
+            .arg("--ca")
+            .arg(c.certs.join("ca.pem"))
+            .arg("--cert")
+            .arg(c.certs.join("client-dev.pem"))
+            .arg("--key")
+            .arg(c.certs.join("client-dev-key.pem"));
+    };
+    let out = |args: &[&str]| {
+        let mut cmd = keel();
+        cmd.args(args);
+        creds(&mut cmd);
+        let o = cmd.output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (ok, stdout, err) = out(&[
+        "worker",
+        "put",
+        "w1",
+        "--url",
+        "http://10.0.0.1:8000",
+        "--model",
+        "llama",
+        "--label",
+        "zone=a",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("\"created\": true"), "{stdout}");
+    let (ok, stdout, _) = out(&["worker", "list", "--model", "llama"]);
+    assert!(ok && stdout.contains("10.0.0.1"), "{stdout}");
+    let (ok, stdout, _) = out(&["worker", "list", "--model", "other"]);
+    assert!(ok && !stdout.contains("10.0.0.1"), "{stdout}");
+    let (ok, _, err) = out(&["policy", "put", "p", "{\"kind\": \"nope\"}"]);
+    assert!(!ok && err.contains("unknown policy kind"), "{err}");
+    let (ok, _, err) = out(&["worker", "rm", "w1"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = out(&["worker", "get", "w1"]);
+    assert!(!ok && err.contains("404"), "{err}");
+}

@@ -152,6 +152,23 @@ impl ReadState for DbView<'_> {
             None => Ok(None),
         }
     }
+
+    fn scan(&self, prefix: &str, limit: usize) -> io::Result<Vec<(String, Object)>> {
+        let cf = self.0.cf_handle(CF_DATA).expect("data column family");
+        let mut out = Vec::new();
+        let iter = self
+            .0
+            .iterator_cf(cf, IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(db_err)?;
+            if !k.starts_with(prefix.as_bytes()) || out.len() >= limit {
+                break;
+            }
+            let key = String::from_utf8(k.to_vec()).map_err(|_| crate::codec::corrupt("key", "not UTF-8"))?;
+            out.push((key, decode(&v, "object")?));
+        }
+        Ok(out)
+    }
 }
 
 /// The state machine openraft drives.
@@ -335,11 +352,16 @@ impl StateReader {
 
     /// Objects whose key starts with `prefix`, in key order, at most `limit`.
     pub fn list(&self, prefix: &str, limit: usize) -> io::Result<Vec<(String, Object)>> {
+        DbView(&self.shared.db()).scan(prefix, limit)
+    }
+
+    /// Up to `limit` objects with keys in `[start, ..)` that start with `prefix`.
+    pub fn scan_from(&self, start: &str, prefix: &str, limit: usize) -> io::Result<Vec<(String, Object)>> {
         let db = self.shared.db();
         let cf = db.cf_handle(CF_DATA).expect("data column family");
         let mut out = Vec::new();
-        let iter = db.iterator_cf(cf, IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward));
-        for item in iter {
+        let from = if start > prefix { start } else { prefix };
+        for item in db.iterator_cf(cf, IteratorMode::From(from.as_bytes(), rocksdb::Direction::Forward)) {
             let (k, v) = item.map_err(db_err)?;
             if !k.starts_with(prefix.as_bytes()) || out.len() >= limit {
                 break;

@@ -1,0 +1,66 @@
+//! schemathesis (from PyPI) fuzzes the live API of a 3-node cluster from its
+//! own OpenAPI document: no response may be a 5xx or break the documented
+//! schema. The watch stream is excluded (it never ends by design).
+
+mod common;
+
+use std::process::Command;
+
+use common::TestCluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_errors_or_schema_violations() {
+    let st = which("st").expect(
+        "schemathesis's `st` command is required (scripts/prereqs.sh installs it with `python3 -m pip install schemathesis`)",
+    );
+    let c = TestCluster::start(3);
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let certs = c.certs.clone();
+    let url = c.url(follower, "/openapi.json");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(st)
+            .args(["run", &url])
+            .args(["--checks", "not_a_server_error,response_schema_conformance"])
+            .arg("--tls-verify")
+            .arg(certs.join("ca.pem"))
+            .arg("--request-cert")
+            .arg(certs.join("client-dev.pem"))
+            .arg("--request-cert-key")
+            .arg(certs.join("client-dev-key.pem"))
+            .args(["--exclude-path", "/v1/watch"])
+            .args([
+                "--max-examples",
+                "10",
+                "--workers",
+                "2",
+                "--request-timeout",
+                "30",
+                "--seed",
+                "1",
+            ])
+            .output()
+            .expect("run schemathesis")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let tail: Vec<&str> = stdout.lines().rev().take(40).collect();
+    let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+    assert!(
+        out.status.success(),
+        "schemathesis failed:\n{tail}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("passed") && !stdout.contains(" failed"), "{tail}");
+    // Every node is still healthy and in agreement afterwards.
+    c.assert_converged(&[1, 2, 3]).await;
+}
+
+fn which(cmd: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(cmd))
+        .find(|p| p.is_file())
+}
