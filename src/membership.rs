@@ -806,9 +806,15 @@ async fn remove(
     let tag = LeaderView::of(&s.cluster)
         .map(|v| v.membership_tag())
         .unwrap_or_else(|_| {
-            let m = s.cluster.raft().metrics();
-            let tag = fmt_log_id(m.borrow_watched().membership_config.log_id().as_ref());
-            tag
+            fmt_log_id(
+                s.cluster
+                    .raft()
+                    .metrics()
+                    .borrow_watched()
+                    .membership_config
+                    .log_id()
+                    .as_ref(),
+            )
         });
     Ok(with_etag(
         Json(json!({"changed": true, "id": id, "membership_log_id": tag})).into_response(),

@@ -94,6 +94,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the API port {}", config.api_listen))?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The peer port stops last, after Raft: in-flight client requests may
+    // still need it to reach the leader, and its long-lived replication
+    // streams only end once Raft has stopped.
+    let (peer_stop_tx, peer_stop_rx) = watch::channel(false);
 
     let cluster = Cluster::new(config.node_id, raft.clone(), reader, pool, config.request_timeout);
     let watch = crate::watch::WatchHub::start(cluster.reader().clone());
@@ -119,7 +123,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let peer = peer.clone();
             hyper::service::service_fn(move |req| peer.clone().handle(conn.clone(), req))
         },
-        stop_rx.clone(),
+        peer_stop_rx,
         ServeOptions::default(),
     ));
 
@@ -164,12 +168,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     cluster.begin_shutdown();
     membership::hand_off(&cluster).await;
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(15), async {
-        let _ = api_task.await;
-        let _ = peer_task.await;
-    })
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), api_task).await;
     raft.shutdown().await.context("stopping raft")?;
+    let _ = peer_stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), peer_task).await;
     tracing::info!("stopped");
     Ok(())
 }

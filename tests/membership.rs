@@ -127,7 +127,7 @@ async fn wait_new_leader(c: &TestCluster, ids: &[u64], after_term: u64) -> u64 {
     }
 }
 
-fn member<'a>(members: &'a Value, id: u64) -> Option<&'a Value> {
+fn member(members: &Value, id: u64) -> Option<&Value> {
     members["members"].as_array().unwrap().iter().find(|m| m["id"] == id)
 }
 
@@ -785,4 +785,182 @@ async fn sigterm_and_ha_shutdown_hand_off_leadership_before_exiting() {
     .await;
     assert!(c.exited(second).unwrap().success());
     assert_eq!(c.put(third, "after", &json!(1)).await.unwrap().status, 201);
+}
+
+/// One logical write of the rolling-restart clients: retried with the same
+/// idempotency key on 503 and connection errors until acknowledged.
+struct Retried {
+    /// The attempts of the slowest write: (node, outcome, time since its first attempt).
+    slowest: Vec<(u64, String, Duration)>,
+    acked: Vec<(String, Instant)>,
+    failed: Vec<String>,
+    max_stall: Duration,
+    retries: usize,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rolling_restart_under_load_has_no_client_visible_failure_and_no_duplicate() {
+    let c = Arc::new(TestCluster::start(3));
+    c.wait_leader().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = 8;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let (c, stop) = (c.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut out = Retried {
+                    slowest: Vec::new(),
+                    acked: Vec::new(),
+                    failed: Vec::new(),
+                    max_stall: Duration::ZERO,
+                    retries: 0,
+                };
+                for i in 0..20_000usize {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("roll/w{w}-{i:05}");
+                    let first = Instant::now();
+                    let mut attempt = 0usize;
+                    let mut attempts = Vec::new();
+                    loop {
+                        let node = 1 + ((w + i + attempt) % 3) as u64;
+                        let res = c
+                            .client
+                            .put(c.url(node, &format!("/v1/kv/{key}")))
+                            .header("idempotency-key", &key)
+                            .timeout(Duration::from_secs(10))
+                            .json(&json!({"w": w, "i": i}))
+                            .send()
+                            .await;
+                        attempts.push((
+                            node,
+                            match &res {
+                                Ok(r) => r.status().to_string(),
+                                Err(e) => format!("{e:?}").chars().take(200).collect(),
+                            },
+                            first.elapsed(),
+                        ));
+                        let retry = match res {
+                            Ok(r) if r.status() == 201 => {
+                                out.acked.push((key.clone(), Instant::now()));
+                                break;
+                            }
+                            Ok(r) if r.status() == 503 => {
+                                let body = r.text().await.unwrap_or_default();
+                                if let Some(a) = attempts.last_mut() {
+                                    a.1.push_str(&format!(" {}", body.chars().take(200).collect::<String>()));
+                                }
+                                true
+                            }
+                            Ok(r) => {
+                                let s = r.status();
+                                out.failed.push(format!(
+                                    "{key} via node {node}: {s}: {}",
+                                    r.text().await.unwrap_or_default()
+                                ));
+                                break;
+                            }
+                            Err(_) => true,
+                        };
+                        assert!(retry);
+                        attempt += 1;
+                        out.retries += 1;
+                        if first.elapsed() > Duration::from_secs(30) {
+                            out.failed.push(format!("{key}: not acknowledged within 30 s"));
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    if first.elapsed() > out.max_stall {
+                        out.max_stall = first.elapsed();
+                        out.slowest = attempts;
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+
+    // Restart every node in turn: SIGTERM, start again, wait until ready
+    // and caught up.
+    wait_progress(&c, 1, 300).await;
+    for id in 1..=3 {
+        let was_leader = c.status(id).await.is_some_and(|s| s.role == "leader");
+        let status = c.terminate(id);
+        assert!(
+            status.success(),
+            "node {id} exited with {status:?}:\n{}",
+            c.log_tail(id)
+        );
+        c.spawn(id);
+        c.wait_ready(id).await;
+        let leader = c.wait_leader().await;
+        let commit = c.status(leader).await.unwrap().commit_index;
+        c.wait_applied(&[id], commit).await;
+        eprintln!("node {id} restarted (was leader: {was_leader}); leader now {leader}");
+        wait_progress(&c, id, 300).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut acked: Vec<(String, Instant)> = Vec::new();
+    let mut failed = Vec::new();
+    let (mut max_stall, mut retries, mut slowest) = (Duration::ZERO, 0, Vec::new());
+    for t in tasks {
+        let o = t.await.unwrap();
+        acked.extend(o.acked);
+        failed.extend(o.failed);
+        if o.max_stall > max_stall {
+            max_stall = o.max_stall;
+            slowest = o.slowest;
+        }
+        retries += o.retries;
+    }
+    for a in slowest.iter().rev().take(8) {
+        eprintln!("  slowest write attempt: {a:?}");
+    }
+    let elapsed = started.elapsed();
+    // The longest time no client got any acknowledgement.
+    let mut times: Vec<Instant> = acked.iter().map(|(_, t)| *t).collect();
+    times.sort();
+    let max_gap = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    eprintln!(
+        "rolling restart: {} writes acknowledged in {elapsed:?} ({:.0}/s), {} client-visible failures, {retries} \
+         retries; longest single write (with retries) {max_stall:?}; longest time without any acknowledgement \
+         {max_gap:?}",
+        acked.len(),
+        acked.len() as f64 / elapsed.as_secs_f64(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "client-visible failures: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    assert!(acked.len() >= 1000, "too little load: {}", acked.len());
+
+    // Every write applied exactly once: present, and at version 1.
+    let leader = c.wait_leader().await;
+    let mut listed: BTreeMap<String, u64> = BTreeMap::new();
+    for w in 0..writers {
+        let r = c
+            .client
+            .get(c.url(leader, &format!("/v1/kv?prefix=roll/w{w}-&limit=10000")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        let items = body["items"].as_array().unwrap();
+        assert!(items.len() < 10_000, "writer {w} wrote more than one page");
+        for o in items {
+            listed.insert(o["key"].as_str().unwrap().to_string(), o["version"].as_u64().unwrap());
+        }
+    }
+    for (k, _) in &acked {
+        assert_eq!(listed.get(k), Some(&1), "{k} missing or applied more than once");
+    }
+    let dup: Vec<_> = listed.iter().filter(|(_, v)| **v != 1).collect();
+    assert!(dup.is_empty(), "duplicate applies: {:?}", &dup[..dup.len().min(5)]);
+    c.assert_converged(&[1, 2, 3]).await;
 }

@@ -180,7 +180,7 @@ impl PeerPool {
         match m.get_mut(&target) {
             Some((v, i)) if v == vote => *i = (*i).max(index),
             _ => {
-                m.insert(target, (vote.clone(), index));
+                m.insert(target, (*vote, index));
             }
         }
     }
@@ -450,10 +450,7 @@ impl PeerNetwork {
         };
         let frames = futures::stream::iter([first]).chain(input).map(move |req| {
             sent.fetch_add(1, Ordering::Relaxed);
-            seen_vote
-                .lock()
-                .expect("vote lock poisoned")
-                .get_or_insert_with(|| req.vote.clone());
+            seen_vote.lock().expect("vote lock poisoned").get_or_insert(req.vote);
             wire::frame(&req).map(hyper::body::Frame::data)
         });
         let body = http_body_util::StreamBody::new(frames).boxed_unsync();
@@ -488,7 +485,7 @@ impl PeerNetwork {
                     match reader.next_message::<StreamAppendResult<TypeConfig>>() {
                         Ok(Some(r)) => {
                             pending.fetch_sub(1, Ordering::Relaxed);
-                            let vote = stream_vote.lock().expect("vote lock poisoned").clone();
+                            let vote = *stream_vote.lock().expect("vote lock poisoned");
                             if let Some(vote) = vote {
                                 match &r {
                                     Ok(Some(matched)) => pool.note_matched(target, &vote, matched.index),
@@ -603,7 +600,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         let io_err = |e: io::Error| StreamingError::Network(NetworkError::from_string(e.to_string()));
         let len = snapshot.snapshot.len().map_err(io_err)?;
         let envelope = wire::encode(&wire::SnapshotEnvelope {
-            vote: vote.clone(),
+            vote,
             meta: snapshot.meta.clone(),
             len,
         })
