@@ -45,8 +45,6 @@ struct Inner {
     timeout: Duration,
     /// True once shutdown began: `/readyz` fails first.
     stopping: watch::Sender<bool>,
-    /// Asks the node to shut down as SIGTERM does (`POST /ha/shutdown`).
-    shutdown: tokio::sync::Notify,
 }
 
 /// A member as `/status` reports it.
@@ -114,7 +112,6 @@ impl Cluster {
                 pool,
                 timeout,
                 stopping,
-                shutdown: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -144,16 +141,9 @@ impl Cluster {
         *self.inner.stopping.borrow()
     }
 
-    /// Asks the node to shut down gracefully, exactly as SIGTERM does
-    /// (readiness off, leadership handed off, requests drained). Returns at
-    /// once; the node's main task does the work.
-    pub fn request_shutdown(&self) {
-        self.inner.shutdown.notify_one();
-    }
-
-    /// Resolves once [`Cluster::request_shutdown`] was called.
+    /// Resolves once shutdown began (e.g. `POST /ha/shutdown`).
     pub async fn shutdown_requested(&self) {
-        self.inner.shutdown.notified().await
+        let _ = self.inner.stopping.subscribe().wait_for(|s| *s).await;
     }
 
     /// Connections to the other nodes.

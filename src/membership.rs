@@ -1078,7 +1078,7 @@ async fn join(
 async fn shutdown(State(s): State<ApiState>, Extension(conn): Extension<ConnInfo>) -> Result<Response, ApiError> {
     authorize(&s, &conn, Access::Admin)?;
     tracing::info!(caller = ?conn.identity, "shutdown requested over the API");
-    s.cluster.request_shutdown();
+    s.cluster.begin_shutdown();
     Ok((StatusCode::ACCEPTED, Json(json!({"shutting_down": true}))).into_response())
 }
 

@@ -159,7 +159,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(membership::join_loop(plan, cluster.clone()));
     }
 
-    // SIGTERM, SIGINT and `POST /ha/shutdown` all stop the node the same way.
     tokio::select! {
         _ = wait_for_signal() => {}
         _ = cluster.shutdown_requested() => {}
