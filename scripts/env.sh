@@ -3,3 +3,4 @@
 # later build, test run and dev cluster reuses it.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keel-target}"
 mkdir -p "$CARGO_TARGET_DIR"
+export PATH="${KEEL_TOOLS_DIR:-$HOME/.cache/keel-tools}/bin:$PATH"

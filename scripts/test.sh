@@ -5,7 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/prereqs.sh
+./scripts/prereqs-obs.sh
 . scripts/env.sh
+
+# Alert rules and their unit tests (the dashboard's PromQL and a live
+# /metrics scrape are checked with promtool by the cargo tests).
+promtool check rules config/prometheus/alerts.yml
+promtool test rules config/prometheus/alerts_test.yml
+# Docker, Compose and Kubernetes files, as far as they can be checked here.
+./scripts/validate-deploy.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

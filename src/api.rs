@@ -58,10 +58,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/admin/state-hash", get(state_hash))
         .route("/v1/watch", get(crate::watch::watch))
         .merge(crate::control_api::routes())
+        .merge(crate::ha::routes())
         .merge(crate::membership::router(&state))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .with_state(state)
 }
 
@@ -135,17 +137,8 @@ async fn livez() -> Json<Value> {
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
-    let st = s.cluster.status();
-    let reason = if s.cluster.is_stopping() {
-        Some("shutting down")
-    } else if st.leader_id.is_none() {
-        Some("no leader")
-    } else if st.role == "learner" {
-        Some("learner")
-    } else {
-        None
-    };
-    match reason {
+    // Rules in observe.rs: leader contact, caught up, not a learner, not stopping.
+    match crate::observe::readiness(&s.cluster).await.not_ready {
         None => Json(json!({"ready": true})).into_response(),
         Some(r) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -193,6 +193,16 @@ impl Cluster {
         command: Command,
         idempotency_key: Option<String>,
     ) -> Result<(u64, Response), ApiError> {
+        let res = self.propose_inner(command, idempotency_key).await;
+        crate::metrics::get().proposal(&res);
+        res
+    }
+
+    async fn propose_inner(
+        &self,
+        command: Command,
+        idempotency_key: Option<String>,
+    ) -> Result<(u64, Response), ApiError> {
         let req = Request {
             time_ms: now_ms(),
             idempotency_key,

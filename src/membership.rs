@@ -96,8 +96,6 @@ pub fn router(state: &ApiState) -> Router<ApiState> {
         .route("/admin/transfer-leader", post(transfer))
         .route("/cluster/join", post(join))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), to_leader))
-        // Served by the node it is sent to, never relayed.
-        .route("/ha/shutdown", post(shutdown))
 }
 
 // ---------------------------------------------------------------------------
@@ -1073,13 +1071,6 @@ async fn join(
         Some(_) if !view.is_voter(b.id) && b.promote => promote_learner(&s.cluster, &view, b.id, false).await,
         _ => add_learner(&s.cluster, &view, &add).await,
     }
-}
-
-async fn shutdown(State(s): State<ApiState>, Extension(conn): Extension<ConnInfo>) -> Result<Response, ApiError> {
-    authorize(&s, &conn, Access::Admin)?;
-    tracing::info!(caller = ?conn.identity, "shutdown requested over the API");
-    s.cluster.begin_shutdown();
-    Ok((StatusCode::ACCEPTED, Json(json!({"shutting_down": true}))).into_response())
 }
 
 // ---------------------------------------------------------------------------

@@ -10,13 +10,11 @@ use keel_raft::KeelNode;
 use keel_raft::Raft;
 use keel_raft::client::NetworkFactory;
 use keel_raft::client::PeerPool;
-use keel_raft::hooks::NoNetHooks;
 use keel_raft::serve::ConnInfo;
 use keel_raft::serve::ServeOptions;
 use keel_raft::server::PeerService;
 use keel_raft::tls::Identity;
 use keel_raft::tls::TlsMaterial;
-use keel_storage::NoHooks;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -68,15 +66,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
-    let storage = keel_storage::open(&config.data_dir, &config.cluster_name, Arc::new(NoHooks))
-        .await
-        .map_err(anyhow::Error::new)?;
+    let storage = keel_storage::open(
+        &config.data_dir,
+        &config.cluster_name,
+        Arc::new(crate::metrics::StorageMetrics),
+    )
+    .await
+    .map_err(anyhow::Error::new)?;
     let pristine = storage.log.is_pristine()?;
     let reader = storage.reader.clone();
 
     let client_tls = material.as_ref().map(|m| m.client_config(true)).transpose()?;
     let api_client_tls = material.as_ref().map(|m| m.client_config(false)).transpose()?;
-    let pool = PeerPool::new(config.node_id, &config.cluster_name, client_tls, Arc::new(NoNetHooks));
+    let pool = PeerPool::new(
+        config.node_id,
+        &config.cluster_name,
+        client_tls,
+        Arc::new(crate::metrics::NetMetrics),
+    );
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config(&config)?),
@@ -101,6 +108,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let cluster = Cluster::new(config.node_id, raft.clone(), reader, pool, config.request_timeout);
     let watch = crate::watch::WatchHub::start(cluster.reader().clone());
+    crate::observe::spawn(cluster.clone(), &config.cluster_name);
     let router = api::router(api::ApiState {
         cluster: cluster.clone(),
         insecure: config.insecure,
@@ -112,7 +120,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cluster: config.cluster_name.clone(),
         insecure: config.insecure,
         incoming_dir: keel_storage::snapshot::incoming_dir(&config.data_dir),
-        hooks: Arc::new(NoNetHooks),
+        hooks: Arc::new(crate::metrics::NetMetrics),
         api_forward: Some(Arc::new(membership::Forwarder::new(router.clone()))),
     });
     let peer_tls = material.as_ref().map(|m| m.peer_server_config()).transpose()?;

@@ -129,7 +129,8 @@ struct Guard(Arc<AtomicUsize>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let n = self.0.fetch_sub(1, Ordering::Relaxed) - 1;
+        crate::metrics::get().watchers.set(n as i64);
     }
 }
 
@@ -165,7 +166,8 @@ pub async fn watch(
     }
     let prefix = p.prefix.unwrap_or_default();
     let hub = s.watch.clone();
-    hub.watchers.fetch_add(1, Ordering::Relaxed);
+    let n = hub.watchers.fetch_add(1, Ordering::Relaxed) + 1;
+    crate::metrics::get().watchers.set(n as i64);
     let guard = Guard(hub.watchers.clone());
     let stream = events(reader, hub.tx.subscribe(), from, prefix, guard);
     Ok(Sse::new(stream)

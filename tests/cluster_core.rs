@@ -19,6 +19,22 @@ use serde_json::json;
 async fn three_nodes_elect_one_leader_and_serve_writes_through_a_follower() {
     let c = TestCluster::start(3);
     let leader = c.wait_leader().await;
+    // A follower may know the leader a moment before it has the membership
+    // entry (and so calls itself a learner): wait until every node has it.
+    let started = Instant::now();
+    for id in 1..=3 {
+        while c
+            .status(id)
+            .await
+            .is_none_or(|s| s.members.len() != 3 || s.role == "learner")
+        {
+            assert!(
+                started.elapsed() < common::WAIT,
+                "node {id} never learned the membership"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 
     // Exactly one node calls itself leader, and all agree on the term.
     let mut leaders = 0;

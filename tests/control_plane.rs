@@ -80,6 +80,13 @@ async fn racing_if_match_writes_give_one_success_and_one_conflict() {
         assert_eq!(loser["error"]["current_revision"], winner["revision"]);
         rev = winner["revision"].as_u64().unwrap();
     }
+    // The HA view of every node lists the worker (a local, stale read).
+    c.wait_applied(&[1, 2, 3], rev).await;
+    for node in 1..=3 {
+        let (st, ha) = send(&c, reqwest::Method::GET, node, "/ha/workers", None, &[]).await;
+        assert_eq!(st, 200);
+        assert_eq!(ha["items"][0]["id"], "w1", "node {node}: {ha}");
+    }
     // Create-only refuses an existing worker.
     let (st, _) = send(
         &c,

@@ -163,6 +163,11 @@ impl PeerPool {
             .clone()
     }
 
+    /// The metrics hooks this pool reports to.
+    pub fn hooks(&self) -> Arc<dyn NetHooks> {
+        self.inner.hooks.clone()
+    }
+
     /// Drops the connection to `target` (e.g. after its address changed).
     pub fn forget(&self, target: NodeId) {
         self.inner.slots.lock().expect("pool lock poisoned").remove(&target);
@@ -609,6 +614,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, io::Error>>(4);
         // The producer reads one chunk at a time: memory stays bounded by the
         // channel depth times the chunk size, whatever the snapshot's size.
+        let hooks = self.pool.hooks();
         let producer = tokio::spawn(async move {
             let mut head = Vec::with_capacity(envelope.len() + 4);
             head.extend_from_slice(&(envelope.len() as u32).to_le_bytes());
@@ -626,6 +632,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                         if tx.send(Ok(hyper::body::Frame::data(Bytes::from(buf)))).await.is_err() {
                             return;
                         }
+                        hooks.snapshot_bytes(true, n as u64);
                     }
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
