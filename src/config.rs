@@ -505,6 +505,27 @@ mod tests {
     }
 
     #[test]
+    fn join_needs_a_url_and_auto_promote_needs_join() {
+        let mut a = base();
+        a.auto_promote = Some(true);
+        let err = Config::merge(&a, FileConfig::default()).unwrap_err().to_string();
+        assert!(err.contains("auto_promote needs join"), "{err}");
+        a.join = Some("node1:7001".into());
+        let err = Config::merge(&a, FileConfig::default()).unwrap_err().to_string();
+        assert!(err.contains("expected the API URL"), "{err}");
+        a.join = Some("https://node1:7001".into());
+        let c = Config::merge(&a, FileConfig::default()).unwrap();
+        assert!(c.auto_promote);
+        a.initial_members = Some("2=h:1/h:2".into());
+        let err = Config::merge(&a, FileConfig::default()).unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
+        assert!(
+            Config::merge(&a, FileConfig::default()).is_err(),
+            "join and initial_members exclude each other"
+        );
+    }
+
+    #[test]
     fn bad_timing_is_refused() {
         let mut a = base();
         a.heartbeat_ms = Some(500);
