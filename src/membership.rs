@@ -568,16 +568,16 @@ fn change_error(e: RaftError<keel_storage::TypeConfig, ClientWriteError<keel_sto
     }
 }
 
-fn changed(status: StatusCode, view: &LeaderView, id: u64, extra: Value) -> Response {
-    let mut body = json!({
-        "changed": status != StatusCode::OK || extra.get("changed").and_then(Value::as_bool).unwrap_or(false),
+/// The answer to a membership call: whether it changed anything, the
+/// member's role afterwards and the membership's log id (also the `ETag`).
+fn answer(status: StatusCode, tag: &str, id: u64, changed: bool, role: Option<&str>) -> Response {
+    let body = json!({
+        "changed": changed,
         "id": id,
-        "membership_log_id": view.membership_tag(),
+        "role": role,
+        "membership_log_id": tag,
     });
-    if let (Value::Object(b), Value::Object(x)) = (&mut body, extra) {
-        b.extend(x);
-    }
-    with_etag((status, Json(body)).into_response(), &view.membership_tag())
+    with_etag((status, Json(body)).into_response(), tag)
 }
 
 fn with_etag(mut r: Response, tag: &str) -> Response {
@@ -587,9 +587,18 @@ fn with_etag(mut r: Response, tag: &str) -> Response {
     r
 }
 
-/// Reads the membership again after a change (for the answer).
-fn after_change(cluster: &Cluster) -> Result<LeaderView, ApiError> {
-    LeaderView::of(cluster)
+/// The log id of this node's current membership, after a change (this node
+/// may have stopped leading meanwhile: the change is done all the same).
+fn current_tag(cluster: &Cluster) -> String {
+    fmt_log_id(
+        cluster
+            .raft()
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .log_id()
+            .as_ref(),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -670,7 +679,13 @@ async fn add_learner(cluster: &Cluster, view: &LeaderView, b: &AddBody) -> Resul
     };
     if let Some(existing) = view.nodes.get(&b.id) {
         if *existing == node {
-            return Ok(changed(StatusCode::OK, view, b.id, json!({"role": role(view, b.id)})));
+            return Ok(answer(
+                StatusCode::OK,
+                &view.membership_tag(),
+                b.id,
+                false,
+                Some(role(view, b.id)),
+            ));
         }
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -695,8 +710,13 @@ async fn add_learner(cluster: &Cluster, view: &LeaderView, b: &AddBody) -> Resul
         .await
         .map_err(change_error)?;
     tracing::info!(id = b.id, raft = %b.raft_addr, api = %b.api_addr, "learner added");
-    let after = after_change(cluster)?;
-    Ok(changed(StatusCode::CREATED, &after, b.id, json!({"role": "learner"})))
+    Ok(answer(
+        StatusCode::CREATED,
+        &current_tag(cluster),
+        b.id,
+        true,
+        Some("learner"),
+    ))
 }
 
 fn role(view: &LeaderView, id: u64) -> &'static str {
@@ -723,7 +743,7 @@ async fn promote_learner(cluster: &Cluster, view: &LeaderView, id: u64, force: b
         return Err(ApiError::not_found(format!("node {id} is not a member; add it first")));
     }
     if view.is_voter(id) {
-        return Ok(changed(StatusCode::OK, view, id, json!({"role": "voter"})));
+        return Ok(answer(StatusCode::OK, &view.membership_tag(), id, false, Some("voter")));
     }
     let lag = view.lag(id);
     if !view.reachable(id) || lag > MAX_LAG {
@@ -753,13 +773,7 @@ async fn promote_learner(cluster: &Cluster, view: &LeaderView, id: u64, force: b
         .await
         .map_err(change_error)?;
     tracing::info!(id, force, "learner promoted to voter");
-    let after = after_change(cluster)?;
-    Ok(changed(
-        StatusCode::OK,
-        &after,
-        id,
-        json!({"role": "voter", "changed": true}),
-    ))
+    Ok(answer(StatusCode::OK, &current_tag(cluster), id, true, Some("voter")))
 }
 
 async fn remove(
@@ -775,7 +789,7 @@ async fn remove(
     let view = LeaderView::of(&s.cluster)?;
     view.check_if_match(&headers)?;
     if !view.nodes.contains_key(&id) {
-        return Ok(changed(StatusCode::OK, &view, id, json!({"role": null})));
+        return Ok(answer(StatusCode::OK, &view.membership_tag(), id, false, None));
     }
     let change = if view.is_voter(id) {
         let mut new_voters = view.voters();
@@ -800,24 +814,8 @@ async fn remove(
     s.cluster.pool().reset_matched(id);
     tracing::info!(id, force, "member removed");
     // A removed leader hands over leadership on its own (openraft steps it
-    // down once the change commits); it may no longer be the leader here.
-    let tag = LeaderView::of(&s.cluster)
-        .map(|v| v.membership_tag())
-        .unwrap_or_else(|_| {
-            fmt_log_id(
-                s.cluster
-                    .raft()
-                    .metrics()
-                    .borrow_watched()
-                    .membership_config
-                    .log_id()
-                    .as_ref(),
-            )
-        });
-    Ok(with_etag(
-        Json(json!({"changed": true, "id": id, "membership_log_id": tag})).into_response(),
-        &tag,
-    ))
+    // down once the change commits).
+    Ok(answer(StatusCode::OK, &current_tag(&s.cluster), id, true, None))
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -714,6 +714,23 @@ async fn force_new_cluster_on_the_last_survivor_keeps_its_writes_and_grows_back_
     .await;
     let m = c.members(1).await;
     assert_eq!(voters(&m), vec![1], "{m}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["member", "list", "--endpoint"])
+        .arg(format!("https://{}", c.nodes[&1].api_addr))
+        .arg("--ca")
+        .arg(c.certs.join("ca.pem"))
+        .arg("--cert")
+        .arg(c.certs.join("admin-dev.pem"))
+        .arg("--key")
+        .arg(c.certs.join("admin-dev-key.pem"))
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        listing.lines().any(|l| l.starts_with("1 ") && l.contains("leader")) && listing.lines().count() == 3,
+        "{listing}"
+    );
     let now = c.list(1, "fnc/", false).await;
     for (k, v) in &had {
         assert_eq!(now.get(k), Some(v), "the survivor lost {k}");
