@@ -59,6 +59,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/watch", get(crate::watch::watch))
         .merge(crate::control_api::routes())
         .merge(crate::ha::routes())
+        .merge(crate::snapshot_api::routes())
         .merge(crate::membership::router(&state))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))

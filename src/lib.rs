@@ -24,4 +24,6 @@ pub mod node;
 pub mod observe;
 pub mod openapi;
 pub mod resource_cli;
+pub mod snapshot_api;
+pub mod snapshot_cli;
 pub mod watch;

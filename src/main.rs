@@ -76,6 +76,9 @@ enum Cmd {
         #[arg(long)]
         max_events: Option<u64>,
     },
+    /// Snapshots: build one now, back up, inspect, restore into a new cluster.
+    #[command(subcommand)]
+    Snapshot(keel::snapshot_cli::SnapshotCmd),
     /// Run a local cluster on loopback with generated certificates until Ctrl-C.
     DevCluster {
         /// Number of nodes.
@@ -153,6 +156,8 @@ fn init_logging(json: bool, level: &str) {
 }
 
 fn main() -> std::process::ExitCode {
+    // Test builds only (see keel_storage::failpoints); inert otherwise.
+    let _failpoints = keel_storage::failpoints::setup();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -179,6 +184,7 @@ fn main() -> std::process::ExitCode {
                 from_revision,
                 max_events,
             } => keel::resource_cli::watch(&client, &prefix, from_revision, max_events).await,
+            Cmd::Snapshot(c) => keel::snapshot_cli::run(c).await,
             Cmd::DevCluster { nodes, dir } => {
                 init_logging(false, "warn");
                 keel::dev_cluster::run(nodes, &dir).await

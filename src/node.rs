@@ -121,6 +121,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         insecure: config.insecure,
         incoming_dir: keel_storage::snapshot::incoming_dir(&config.data_dir),
         hooks: Arc::new(crate::metrics::NetMetrics),
+        inbox: Default::default(),
         api_forward: Some(Arc::new(membership::Forwarder::new(router.clone()))),
     });
     let peer_tls = material.as_ref().map(|m| m.peer_server_config()).transpose()?;

@@ -153,6 +153,8 @@ async fn a_transaction_whose_precondition_fails_changes_nothing() {
     c.wait_leader().await;
     let (_, w) = send(&c, reqwest::Method::PUT, 1, "/v1/kv/config", Some(json!({"v": 1})), &[]).await;
     let rev = w["revision"].as_u64().unwrap();
+    // Node 2 must hold the write before we fingerprint its state.
+    c.wait_applied(&[2], rev).await;
     let before = c.state_hash(2).await;
     let txn = json!({
         "compare": [{"key": "kv/config", "revision": rev + 100}],

@@ -47,7 +47,12 @@ use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::io::AsyncReadExt;
+use std::os::unix::fs::FileExt;
+
+use keel_storage::snapshot::format::SnapshotError;
+use keel_storage::snapshot::transfer::SnapshotId;
+use keel_storage::snapshot::transfer::SourceCheck;
+use keel_storage::snapshot::transfer::identify;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
@@ -532,8 +537,144 @@ impl PeerNetwork {
     }
 }
 
-/// Chunk size used to stream a snapshot file.
-const SNAPSHOT_CHUNK: usize = 256 << 10;
+/// Size of the pieces a snapshot file is read and sent in.
+const SNAPSHOT_PIECE: usize = 256 << 10;
+/// How long an offer may take.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts in a row that fail without progress before `full_snapshot` gives up
+/// (openraft then retries with its own backoff).
+const MAX_FAILURES: u32 = 5;
+/// Rejected-data resends tolerated within one `full_snapshot` call.
+const MAX_RESENDS: u32 = 16;
+
+/// Shared between `full_snapshot` and the task feeding one attempt's body.
+struct SendState {
+    file: SnapshotFile,
+    id: SnapshotId,
+    check: std::sync::Mutex<SourceCheck>,
+    /// Set when the stored file failed the sender's own verification.
+    source_corrupt: std::sync::Mutex<Option<String>>,
+    /// File bytes handed to HTTP/2 over all attempts.
+    sent: AtomicU64,
+}
+
+impl PeerNetwork {
+    /// One attempt: the envelope, then the file from `from`, as one HTTP/2
+    /// request; returns the receiver's answer or why there is none.
+    async fn snapshot_attempt(
+        &self,
+        st: &Arc<SendState>,
+        vote: &keel_storage::types::Vote,
+        meta: &keel_storage::types::SnapshotMeta,
+        from: u64,
+        timeout: Duration,
+    ) -> Result<wire::SnapshotReply, String> {
+        let envelope = wire::encode(&wire::SnapshotEnvelope {
+            vote: *vote,
+            meta: meta.clone(),
+            id: st.id,
+            offset: from,
+        })
+        .map_err(|e| e.to_string())?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, io::Error>>(4);
+        let (st2, target, hooks) = (st.clone(), self.target, self.pool.inner.hooks.clone());
+        // Reads one piece at a time, verifies it, sends it: memory stays
+        // bounded by the channel depth times the piece size.
+        let producer = tokio::spawn(async move {
+            let mut head = Vec::with_capacity(envelope.len() + 4);
+            head.extend_from_slice(&(envelope.len() as u32).to_le_bytes());
+            head.extend_from_slice(&envelope);
+            if tx.send(Ok(hyper::body::Frame::data(Bytes::from(head)))).await.is_err() {
+                return;
+            }
+            let len = st2.id.len;
+            let mut pos = from;
+            let mut last_report = Instant::now();
+            while pos < len {
+                let n = ((len - pos) as usize).min(SNAPSHOT_PIECE);
+                let st3 = st2.clone();
+                let read = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, SnapshotError> {
+                    let mut check = st3.check.lock().expect("source check lock poisoned");
+                    check.catch_up(&st3.file.file, pos)?;
+                    let mut buf = vec![0; n];
+                    st3.file.file.read_exact_at(&mut buf, pos)?;
+                    check.observe(pos, &buf)?;
+                    Ok(buf)
+                })
+                .await;
+                let mut buf = match read {
+                    Ok(Ok(buf)) => buf,
+                    Ok(Err(SnapshotError::Io(e))) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        let why = format!("stored snapshot {} failed verification at byte {pos}: {e}", st2.id);
+                        *st2.source_corrupt.lock().expect("lock poisoned") = Some(why.clone());
+                        let _ = tx.send(Err(io::Error::new(io::ErrorKind::InvalidData, why))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(io::Error::other(e))).await;
+                        return;
+                    }
+                };
+                if keel_storage::failpoints::flag_point("snap-send-corrupt").is_some() {
+                    let at = buf.len() / 2;
+                    buf[at] ^= 0x01;
+                    tracing::warn!(
+                        target,
+                        offset = pos + at as u64,
+                        "failpoint snap-send-corrupt: flipped a bit in transit"
+                    );
+                }
+                if tx.send(Ok(hyper::body::Frame::data(Bytes::from(buf)))).await.is_err() {
+                    return;
+                }
+                st2.sent.fetch_add(n as u64, Ordering::Relaxed);
+                hooks.snapshot_bytes(true, n as u64);
+                pos += n as u64;
+                if last_report.elapsed() >= Duration::from_secs(5) {
+                    last_report = Instant::now();
+                    tracing::info!(target, snapshot = %st2.id, offset = pos, total = len, "snapshot transfer progress");
+                }
+                if pos < len && keel_storage::failpoints::flag_point("snap-send-cut").is_some() {
+                    // Like a connection dying once the bytes sent so far arrived.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tracing::warn!(
+                        target,
+                        offset = pos,
+                        "failpoint snap-send-cut: breaking the transfer off"
+                    );
+                    let _ = tx.send(Err(io::Error::other("failpoint snap-send-cut"))).await;
+                    return;
+                }
+            }
+        });
+        let body = http_body_util::StreamBody::new(tokio_stream_from(rx)).boxed_unsync();
+        let res = self
+            .pool
+            .call_raw(self.target, &self.addr, wire::PATH_SNAPSHOT, body, timeout)
+            .await;
+        producer.abort();
+        let (status, body) = res.map_err(|e| e.to_string())?;
+        if status != StatusCode::OK {
+            return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
+        }
+        wire::decode(&body).map_err(|e| e.to_string())
+    }
+
+    /// Waits `d` unless replication is cancelled first.
+    async fn pause<F: Future<Output = ReplicationClosed> + Unpin>(
+        d: Duration,
+        cancel: &mut F,
+    ) -> Result<(), StreamingError<TypeConfig>> {
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            _ = tokio::time::sleep(d) => Ok(()),
+        }
+    }
+}
 
 impl RaftNetworkV2<TypeConfig> for PeerNetwork {
     type SnapshotData = SnapshotFile;
@@ -595,79 +736,167 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
             .map_err(PeerError::into_rpc)
     }
 
+    /// Sends a snapshot, resuming where the receiver's verified copy ends.
+    ///
+    /// Each attempt first offers the snapshot (its id: last log id, size,
+    /// fingerprint); the receiver answers the offset it holds verified bytes
+    /// up to, and the attempt streams the file from there. A cut connection
+    /// or a rejected (corrupt) frame leads to another offer and a resend
+    /// from the last verified frame. The sender verifies every byte it reads:
+    /// a stored snapshot that fails is set aside, never sent, and openraft's
+    /// next try gets a freshly built one. The call has its own deadline (at
+    /// least openraft's timeout, and 30 s plus 1 s per MiB) and honours
+    /// `cancel` at every step.
     async fn full_snapshot(
         &mut self,
         vote: keel_storage::types::Vote,
         snapshot: openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>,
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let io_err = |e: io::Error| StreamingError::Network(NetworkError::from_string(e.to_string()));
-        let len = snapshot.snapshot.len().map_err(io_err)?;
-        let envelope = wire::encode(&wire::SnapshotEnvelope {
-            vote,
-            meta: snapshot.meta.clone(),
-            len,
+        let net = |m: String| StreamingError::Network(NetworkError::from_string(m));
+        let target = self.target;
+        let started = Instant::now();
+        let meta = snapshot.meta;
+        let file = snapshot.snapshot;
+        let (file, checked) = tokio::task::spawn_blocking(move || {
+            let r = identify(&file.file);
+            (file, r)
         })
-        .map_err(io_err)?;
-        let file = tokio::fs::File::from_std(snapshot.snapshot.file.try_clone().map_err(io_err)?);
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, io::Error>>(4);
-        // The producer reads one chunk at a time: memory stays bounded by the
-        // channel depth times the chunk size, whatever the snapshot's size.
-        let hooks = self.pool.hooks();
-        let producer = tokio::spawn(async move {
-            let mut head = Vec::with_capacity(envelope.len() + 4);
-            head.extend_from_slice(&(envelope.len() as u32).to_le_bytes());
-            head.extend_from_slice(&envelope);
-            if tx.send(Ok(hyper::body::Frame::data(Bytes::from(head)))).await.is_err() {
-                return;
+        .await
+        .map_err(|e| net(e.to_string()))?;
+        let id = match checked {
+            Ok((_, id)) => id,
+            Err(e) => {
+                tracing::error!(target, file = %file.path.display(), error = %e, "stored snapshot failed its check; not sending it");
+                let _ = keel_storage::snapshot::quarantine(&file);
+                return Err(net(format!("stored snapshot is corrupt: {e}")));
             }
-            let mut file = file;
-            loop {
-                let mut buf = vec![0u8; SNAPSHOT_CHUNK];
-                match file.read(&mut buf).await {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        if tx.send(Ok(hyper::body::Frame::data(Bytes::from(buf)))).await.is_err() {
-                            return;
-                        }
-                        hooks.snapshot_bytes(true, n as u64);
+        };
+        let budget = option
+            .hard_ttl()
+            .max(Duration::from_secs(30) + Duration::from_secs(id.len >> 20));
+        let deadline = Instant::now() + budget;
+        let st = Arc::new(SendState {
+            file,
+            id,
+            check: std::sync::Mutex::new(SourceCheck::new()),
+            source_corrupt: std::sync::Mutex::new(None),
+            sent: AtomicU64::new(0),
+        });
+        let mut cancel = Box::pin(cancel);
+        let (mut failures, mut resends, mut attempts) = (0u32, 0u32, 0u32);
+        let mut offsets: Vec<u64> = Vec::new();
+        tracing::info!(target, snapshot = %id, "sending snapshot");
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(net(format!(
+                    "snapshot {id} to node {target}: not done within {budget:?} ({} bytes sent)",
+                    st.sent.load(Ordering::Relaxed)
+                )));
+            }
+            let backoff = Duration::from_millis(200u64 << failures.min(3));
+            let offer = wire::SnapshotOffer {
+                vote,
+                meta: meta.clone(),
+                id,
+            };
+            let reply = tokio::select! {
+                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                r = self.pool.call::<_, wire::OfferReply>(target, &self.addr, wire::PATH_SNAPSHOT_OFFER, &offer, remaining.min(OFFER_TIMEOUT)) => r,
+            };
+            let from = match reply {
+                Ok(wire::OfferReply::Resume { from }) if from <= id.len => from,
+                Ok(wire::OfferReply::Resume { from }) => {
+                    return Err(net(format!(
+                        "node {target} claims {from} bytes of a {}-byte snapshot",
+                        id.len
+                    )));
+                }
+                Ok(wire::OfferReply::Covered { vote: theirs }) => {
+                    tracing::info!(target, snapshot = %id, "receiver already holds the snapshot's state");
+                    if let Some(last) = &meta.last_log_id {
+                        self.pool.note_matched(target, &vote, last.index);
                     }
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
+                    return Ok(SnapshotResponse::new(theirs));
+                }
+                Ok(wire::OfferReply::Busy) => {
+                    Self::pause(Duration::from_millis(500), &mut cancel).await?;
+                    continue;
+                }
+                Ok(wire::OfferReply::Refused(why)) => {
+                    return Err(net(format!("node {target} refused snapshot {id}: {why}")));
+                }
+                Err(e) => {
+                    failures += 1;
+                    // Not reached yet: let openraft back off and fetch the
+                    // then-current snapshot. Once a transfer began, retry here
+                    // to resume it.
+                    if attempts == 0 || failures > MAX_FAILURES {
+                        return Err(e.into_streaming());
+                    }
+                    tracing::debug!(target, error = %e, "snapshot offer failed; retrying");
+                    Self::pause(backoff, &mut cancel).await?;
+                    continue;
+                }
+            };
+            attempts += 1;
+            offsets.push(from);
+            if from > 0 {
+                tracing::info!(target, snapshot = %id, from, "resuming snapshot transfer");
+            }
+            let sent_before = st.sent.load(Ordering::Relaxed);
+            let outcome = tokio::select! {
+                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                r = self.snapshot_attempt(&st, &vote, &meta, from, remaining) => r,
+            };
+            if let Some(why) = st.source_corrupt.lock().expect("lock poisoned").take() {
+                tracing::error!(target, %why, "not sending a corrupt stored snapshot; setting it aside");
+                let _ = keel_storage::snapshot::quarantine(&st.file);
+                return Err(net(why));
+            }
+            match outcome {
+                Ok(wire::SnapshotReply::Installed(resp)) => {
+                    let elapsed = started.elapsed();
+                    let sent = st.sent.load(Ordering::Relaxed);
+                    tracing::info!(
+                        target,
+                        snapshot = %id,
+                        file_bytes = id.len,
+                        sent_bytes = sent,
+                        attempts,
+                        resends,
+                        offsets = ?offsets,
+                        ms = elapsed.as_millis() as u64,
+                        mb_per_s = format!("{:.1}", sent as f64 / 1e6 / elapsed.as_secs_f64().max(1e-6)),
+                        "snapshot sent"
+                    );
+                    if let Some(last) = &meta.last_log_id {
+                        self.pool.note_matched(target, &vote, last.index);
+                    }
+                    return Ok(resp);
+                }
+                Ok(wire::SnapshotReply::Resend { from, why }) => {
+                    resends += 1;
+                    tracing::warn!(target, snapshot = %id, from, %why, "receiver rejected snapshot data; resending from its last verified frame");
+                    if resends > MAX_RESENDS {
+                        return Err(net(format!(
+                            "snapshot {id} to node {target}: {resends} resends, last: {why}"
+                        )));
                     }
                 }
+                Err(why) => {
+                    let progressed = st.sent.load(Ordering::Relaxed) > sent_before;
+                    failures = if progressed { 0 } else { failures + 1 };
+                    tracing::warn!(target, snapshot = %id, %why, sent_bytes = st.sent.load(Ordering::Relaxed), "snapshot transfer interrupted; will resume");
+                    if failures > MAX_FAILURES {
+                        return Err(net(format!("snapshot {id} to node {target}: {why}")));
+                    }
+                    Self::pause(backoff, &mut cancel).await?;
+                }
             }
-        });
-        let body = http_body_util::StreamBody::new(tokio_stream_from(rx)).boxed_unsync();
-        // Our own deadline: generous for the size (at least 1 MB/s) but finite.
-        let deadline = Duration::from_secs(30) + Duration::from_secs(len / (1 << 20));
-        let call = self
-            .pool
-            .call_raw(self.target, &self.addr, wire::PATH_SNAPSHOT, body, deadline);
-        let res = tokio::select! {
-            closed = cancel => {
-                producer.abort();
-                return Err(StreamingError::Closed(closed));
-            }
-            r = call => r,
-        };
-        producer.abort();
-        let (status, body) = res.map_err(PeerError::into_streaming)?;
-        if status != StatusCode::OK {
-            return Err(StreamingError::Network(NetworkError::from_string(format!(
-                "snapshot refused by node {}: {status}: {}",
-                self.target,
-                String::from_utf8_lossy(&body)
-            ))));
         }
-        let resp: SnapshotResponse<TypeConfig> = wire::decode(&body).map_err(io_err)?;
-        if let Some(last) = &snapshot.meta.last_log_id {
-            self.pool.note_matched(self.target, &vote, last.index);
-        }
-        Ok(resp)
     }
 }
 

@@ -19,13 +19,12 @@ use hyper::body::Incoming;
 use keel_storage::NodeId;
 use keel_storage::SnapshotFile;
 use keel_storage::TypeConfig;
-use keel_storage::snapshot::format::StreamVerifier;
+use keel_storage::snapshot::transfer::Incoming as IncomingSnapshot;
 use openraft::ReadPolicy;
 use openraft::errors::ClientWriteError;
 use openraft::errors::LinearizableReadError;
 use openraft::errors::RaftError;
 use openraft::type_config::async_runtime::watch::WatchReceiver;
-use tokio::io::AsyncWriteExt;
 
 use crate::Raft;
 use crate::hooks::NetHooks;
@@ -58,6 +57,40 @@ pub struct PeerService {
     /// Serves API requests relayed to this node as the leader; `None`
     /// refuses them.
     pub api_forward: Option<Arc<dyn ApiForwardHandler>>,
+    /// The snapshot transfer in progress, if any.
+    pub inbox: SnapshotInbox,
+}
+
+/// The receiving end of snapshot transfers, one at a time: the partial file
+/// of the snapshot last offered, kept between attempts.
+pub struct SnapshotInbox {
+    slot: tokio::sync::Mutex<Option<IncomingSnapshot>>,
+    /// Bumped by every offer, so that a transfer still streaming into the
+    /// slot (its sender gone quiet) gives way to the new attempt.
+    epoch: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for SnapshotInbox {
+    fn default() -> Self {
+        Self {
+            slot: tokio::sync::Mutex::new(None),
+            epoch: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+/// Longest wait for the inbox when another transfer holds it.
+const INBOX_WAIT: Duration = Duration::from_secs(5);
+/// A transfer that receives nothing for this long is given up (kept for resumption).
+const SNAPSHOT_IDLE: Duration = Duration::from_secs(30);
+/// Received bytes are verified and written in pieces of about this size.
+const RECEIVE_PIECE: usize = 1 << 20;
+
+/// Why a transfer attempt stopped before its end.
+enum Stop {
+    Cut(String),
+    Idle,
+    Preempted,
 }
 
 type Resp = Response<UnsyncBoxBody<Bytes, io::Error>>;
@@ -130,7 +163,7 @@ impl PeerService {
         Ok(from)
     }
 
-    async fn route(&self, from: NodeId, req: Request<Incoming>) -> Resp {
+    async fn route(self: Arc<Self>, from: NodeId, req: Request<Incoming>) -> Resp {
         let fatal = |e: &dyn std::fmt::Display| reply(StatusCode::SERVICE_UNAVAILABLE, format!("raft stopped: {e}"));
         match req.uri().path() {
             wire::PATH_APPEND => match read_msg(req).await {
@@ -181,13 +214,24 @@ impl PeerService {
                 (None, Ok(_)) => reply(StatusCode::NOT_FOUND, "this node does not serve relayed API calls"),
                 (Some(h), Ok(m)) => ok_msg(&h.handle(from, m).await),
             },
-            wire::PATH_SNAPSHOT => match self.receive_snapshot(from, req).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(from, error = %e, "snapshot transfer refused");
-                    reply(StatusCode::BAD_REQUEST, e.to_string())
-                }
+            wire::PATH_SNAPSHOT_OFFER => match read_msg::<wire::SnapshotOffer>(req).await {
+                Ok(m) => ok_msg(&self.snapshot_offer(from, m).await),
+                Err(r) => r,
             },
+            wire::PATH_SNAPSHOT => {
+                // In a task of its own: hyper drops this handler when the
+                // sender resets the stream, but the receiving side must still
+                // settle its partial file and free the inbox.
+                let this = self.clone();
+                match tokio::spawn(async move { this.receive_snapshot(from, req).await }).await {
+                    Ok(Ok(r)) => ok_msg(&r),
+                    Ok(Err(e)) => {
+                        tracing::warn!(from, error = %e, "snapshot transfer failed");
+                        reply(StatusCode::BAD_REQUEST, e.to_string())
+                    }
+                    Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
+            }
             other => reply(StatusCode::NOT_FOUND, format!("no peer route {other}")),
         }
     }
@@ -284,98 +328,235 @@ impl PeerService {
         }
     }
 
-    /// Streams a snapshot to a file in `incoming/`, verifying every frame
-    /// as it arrives, then installs it. Memory use is one body frame.
-    async fn receive_snapshot(&self, from: NodeId, req: Request<Incoming>) -> io::Result<Resp> {
+    /// Answers an offer: where the sender should start (the verified
+    /// prefix kept from earlier attempts at the same file), or that nothing
+    /// needs sending.
+    async fn snapshot_offer(&self, from: NodeId, offer: wire::SnapshotOffer) -> wire::OfferReply {
+        let (committed, vote) = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            (m.local_committed, m.vote)
+        };
+        if offer.meta.last_log_id.is_some() && offer.meta.last_log_id <= committed {
+            tracing::info!(from, snapshot = %offer.id, ?committed, "offered snapshot already covered by committed state");
+            return wire::OfferReply::Covered { vote };
+        }
+        if let Err(e) = self.check_installable(&offer.vote, &offer.meta) {
+            return wire::OfferReply::Refused(e.to_string());
+        }
+        // A transfer still streaming into the slot gives way.
+        self.inbox.epoch.send_modify(|e| *e += 1);
+        let Ok(mut slot) = tokio::time::timeout(INBOX_WAIT, self.inbox.slot.lock()).await else {
+            return wire::OfferReply::Busy;
+        };
+        if slot.as_ref().is_none_or(|inc| inc.id != offer.id) {
+            drop(slot.take());
+            let (dir, id) = (self.incoming_dir.clone(), offer.id);
+            match tokio::task::spawn_blocking(move || IncomingSnapshot::open(&dir, id)).await {
+                Ok(Ok(inc)) => *slot = Some(inc),
+                Ok(Err(e)) => return wire::OfferReply::Refused(format!("cannot open the incoming snapshot file: {e}")),
+                Err(e) => return wire::OfferReply::Refused(e.to_string()),
+            }
+        }
+        let resume = slot.as_ref().map(|i| i.verified_len()).unwrap_or(0);
+        tracing::info!(from, snapshot = %offer.id, resume_from = resume, "snapshot offered");
+        wire::OfferReply::Resume { from: resume }
+    }
+
+    /// Receives one attempt of a snapshot transfer into the partial file
+    /// the offer opened, verifying every frame as it arrives. Memory use is
+    /// one piece (about 1 MiB) plus one chunk in the verifier. A rejected
+    /// frame is answered with the offset to resend from; a cut connection
+    /// leaves the verified prefix for the next attempt; a complete file is
+    /// installed.
+    async fn receive_snapshot(&self, from: NodeId, req: Request<Incoming>) -> io::Result<wire::SnapshotReply> {
         let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
         let mut body = req.into_body();
-        let mut pending: Vec<u8> = Vec::new();
-        let mut envelope: Option<wire::SnapshotEnvelope> = None;
-        let mut file: Option<(PathBuf, tokio::fs::File)> = None;
-        let mut verifier = StreamVerifier::new();
-        let mut received = 0u64;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
-        loop {
-            let frame = tokio::time::timeout_at(deadline, body.frame())
-                .await
-                .map_err(|_| bad("snapshot transfer took too long".into()))?;
-            let Some(frame) = frame else { break };
-            let frame = frame.map_err(|e| bad(format!("reading snapshot body: {e}")))?;
-            let Ok(data) = frame.into_data() else { continue };
-            let mut data: &[u8] = &data;
-            if envelope.is_none() {
-                pending.extend_from_slice(data);
-                if pending.len() < 4 {
-                    continue;
-                }
-                let n = u32::from_le_bytes([pending[0], pending[1], pending[2], pending[3]]) as usize;
+        let mut buf: Vec<u8> = Vec::new();
+        let env: wire::SnapshotEnvelope = loop {
+            if buf.len() >= 4 {
+                let n = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
                 if n > 1 << 20 {
                     return Err(bad(format!("snapshot envelope of {n} bytes")));
                 }
-                if pending.len() < 4 + n {
-                    continue;
+                if buf.len() >= 4 + n {
+                    let env = wire::decode(&buf[4..4 + n])?;
+                    buf.drain(..4 + n);
+                    break env;
                 }
-                let env: wire::SnapshotEnvelope = wire::decode(&pending[4..4 + n])?;
-                let index = env.meta.last_log_id.as_ref().map(|l| l.index).unwrap_or(0);
-                let path = self.incoming_dir.join(format!("from-{from}-{index}.part"));
-                let f = tokio::fs::File::create(&path).await?;
-                file = Some((path, f));
-                envelope = Some(env);
-                let rest = pending.split_off(4 + n);
-                pending = rest;
-                data = &pending;
             }
-            if let Some((_, f)) = file.as_mut() {
-                verifier
-                    .feed(data)
-                    .map_err(|e| bad(format!("snapshot chunk rejected: {e}")))?;
-                f.write_all(data).await?;
-                received += data.len() as u64;
-                self.hooks.snapshot_bytes(false, data.len() as u64);
+            match tokio::time::timeout(SNAPSHOT_IDLE, body.frame()).await {
+                Ok(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        buf.extend_from_slice(&d);
+                    }
+                }
+                Ok(Some(Err(e))) => return Err(bad(format!("reading snapshot body: {e}"))),
+                Ok(None) => return Err(bad("snapshot body ended before its envelope".into())),
+                Err(_) => return Err(bad("no snapshot envelope in time".into())),
             }
-            pending.clear();
-        }
-        let (Some(env), Some((path, mut f))) = (envelope, file) else {
-            return Err(bad("snapshot body ended before its envelope".into()));
         };
-        f.flush().await?;
-        f.sync_all().await?;
-        drop(f);
-        if received != env.len || !verifier.is_complete() {
-            let _ = tokio::fs::remove_file(&path).await;
-            return Err(bad(format!(
-                "snapshot incomplete: {received} of {} bytes, trailer {}",
-                env.len,
-                if verifier.is_complete() { "ok" } else { "missing" }
-            )));
+        let mut epoch = self.inbox.epoch.subscribe();
+        epoch.borrow_and_update();
+        let mut slot = tokio::time::timeout(INBOX_WAIT, self.inbox.slot.lock())
+            .await
+            .map_err(|_| io::Error::other("another snapshot transfer is in progress"))?;
+        let mut inc = match slot.take() {
+            Some(inc) if inc.id == env.id => inc,
+            other => {
+                *slot = other;
+                return Err(bad(format!("snapshot {} was not offered first", env.id)));
+            }
+        };
+        if inc.verified_len() != env.offset {
+            let from_offset = inc.verified_len();
+            *slot = Some(inc);
+            return Ok(wire::SnapshotReply::Resend {
+                from: from_offset,
+                why: format!("sent from offset {}, but {from_offset} bytes are held", env.offset),
+            });
         }
-        self.check_installable(&env)?;
+        if env.offset > 0 {
+            tracing::info!(from, snapshot = %env.id, resume_from = env.offset, "snapshot transfer resumed");
+        }
+        let start = std::time::Instant::now();
+        let mut last_report = start;
+        let mut received = buf.len() as u64;
+        self.hooks.snapshot_bytes(false, received);
+        let mut stop: Option<Stop> = None;
+        loop {
+            let end_of_body = loop {
+                if buf.len() >= RECEIVE_PIECE {
+                    break false;
+                }
+                tokio::select! {
+                    biased;
+                    _ = epoch.changed() => {
+                        stop = Some(Stop::Preempted);
+                        break true;
+                    }
+                    f = tokio::time::timeout(SNAPSHOT_IDLE, body.frame()) => match f {
+                        Err(_) => {
+                            stop = Some(Stop::Idle);
+                            break true;
+                        }
+                        Ok(None) => break true,
+                        Ok(Some(Err(e))) => {
+                            stop = Some(Stop::Cut(e.to_string()));
+                            break true;
+                        }
+                        Ok(Some(Ok(f))) => {
+                            if let Ok(d) = f.into_data() {
+                                received += d.len() as u64;
+                                self.hooks.snapshot_bytes(false, d.len() as u64);
+                                buf.extend_from_slice(&d);
+                            }
+                        }
+                    },
+                }
+            };
+            // Verify and write what arrived (also after a cut: it is good
+            // up to the last complete frame).
+            let piece = std::mem::take(&mut buf);
+            let (back, res) = tokio::task::spawn_blocking(move || {
+                let res = inc.write(&piece);
+                (inc, res)
+            })
+            .await
+            .map_err(io::Error::other)?;
+            inc = back;
+            if let Err(e) = res {
+                let resend = inc.verified_len();
+                tracing::warn!(from, snapshot = %env.id, error = %e, resend_from = resend, "snapshot data rejected; asking for it again");
+                *slot = Some(inc);
+                return Ok(wire::SnapshotReply::Resend {
+                    from: resend,
+                    why: e.to_string(),
+                });
+            }
+            if last_report.elapsed() >= Duration::from_secs(5) {
+                last_report = std::time::Instant::now();
+                tracing::info!(from, snapshot = %env.id, verified = inc.verified_len(), total = env.id.len, "snapshot transfer progress");
+            }
+            if end_of_body {
+                break;
+            }
+        }
+        if let Some(stop) = stop {
+            let why = match stop {
+                Stop::Cut(e) => format!("connection cut: {e}"),
+                Stop::Idle => format!("nothing received for {SNAPSHOT_IDLE:?}"),
+                Stop::Preempted => "a new offer arrived".to_string(),
+            };
+            let kept = inc.verified_len();
+            let settled = tokio::task::spawn_blocking(move || inc.settle().map(|()| inc))
+                .await
+                .map_err(io::Error::other)??;
+            *slot = Some(settled);
+            tracing::warn!(from, snapshot = %env.id, received, kept, %why, "snapshot transfer interrupted; keeping the verified part");
+            return Err(io::Error::other(format!("snapshot transfer interrupted: {why}")));
+        }
+        if !inc.is_complete() {
+            let resend = inc.verified_len();
+            let settled = tokio::task::spawn_blocking(move || inc.settle().map(|()| inc))
+                .await
+                .map_err(io::Error::other)??;
+            *slot = Some(settled);
+            return Ok(wire::SnapshotReply::Resend {
+                from: resend,
+                why: "the stream ended before the trailer".into(),
+            });
+        }
+        let elapsed = start.elapsed();
+        let path = tokio::task::spawn_blocking(move || inc.finish())
+            .await
+            .map_err(io::Error::other)??;
+        tracing::info!(
+            from,
+            snapshot = %env.id,
+            resumed_from = env.offset,
+            received_bytes = received,
+            file_bytes = env.id.len,
+            ms = elapsed.as_millis() as u64,
+            mb_per_s = format!("{:.1}", received as f64 / 1e6 / elapsed.as_secs_f64().max(1e-6)),
+            "snapshot received"
+        );
+        self.check_installable(&env.vote, &env.meta)?;
         let snapshot = openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotFile> {
             meta: env.meta,
-            snapshot: SnapshotFile::open(path)?,
+            snapshot: SnapshotFile::open(path.clone())?,
         };
         let resp = self
             .raft
             .install_full_snapshot(env.vote, snapshot)
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(ok_msg(&resp))
+        // Not installed (openraft found it not newer): drop the file.
+        if path.exists() {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        drop(slot);
+        Ok(wire::SnapshotReply::Installed(resp))
     }
 
     /// Refuses a snapshot that openraft would treat as corruption (and
     /// panic on): one whose last log id lies beyond the sender's vote, or
     /// one that contradicts what this node has committed.
-    fn check_installable(&self, env: &wire::SnapshotEnvelope) -> io::Result<()> {
-        let Some(last) = &env.meta.last_log_id else {
+    fn check_installable(
+        &self,
+        vote: &keel_storage::types::Vote,
+        meta: &keel_storage::types::SnapshotMeta,
+    ) -> io::Result<()> {
+        let Some(last) = &meta.last_log_id else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "snapshot without a last log id",
             ));
         };
-        if last.leader_id > env.vote.leader_id {
+        if last.leader_id > vote.leader_id {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("snapshot last log id {last} is beyond the sender's vote {}", env.vote),
+                format!("snapshot last log id {last} is beyond the sender's vote {vote}"),
             ));
         }
         let committed = self.raft.metrics().borrow_watched().local_committed;

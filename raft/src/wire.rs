@@ -9,6 +9,7 @@ use std::io;
 
 use keel_storage::model::Request;
 use keel_storage::model::Response;
+use keel_storage::snapshot::transfer::SnapshotId;
 use serde::Deserialize;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -24,8 +25,11 @@ pub const PATH_VOTE: &str = "/raft/vote";
 pub const PATH_PRE_VOTE: &str = "/raft/pre-vote";
 /// Leadership handoff to the receiver.
 pub const PATH_TRANSFER_LEADER: &str = "/raft/transfer-leader";
-/// A whole snapshot, streamed in the request body.
+/// A snapshot, streamed in the request body from the offset the receiver
+/// asked for (see [`SnapshotEnvelope`]).
 pub const PATH_SNAPSHOT: &str = "/raft/snapshot";
+/// A sender offering a snapshot; the receiver answers where to start.
+pub const PATH_SNAPSHOT_OFFER: &str = "/raft/snapshot-offer";
 /// A client write forwarded by a follower to the leader.
 pub const PATH_FORWARD_WRITE: &str = "/keel/forward-write";
 /// A follower asking the leader for a read index (linearizable reads).
@@ -184,15 +188,65 @@ pub struct ApiForwardReply {
     pub body: Vec<u8>,
 }
 
-/// First part of a snapshot transfer, before the file bytes.
+/// First part of a snapshot transfer, before the file bytes: the body is
+/// `u32 LE length ++ bincode(envelope)`, then the file from `offset` on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotEnvelope {
     /// The sending leader's vote.
     pub vote: keel_storage::types::Vote,
     /// Snapshot metadata (last included log id, membership).
     pub meta: keel_storage::types::SnapshotMeta,
-    /// Size of the snapshot file in bytes.
-    pub len: u64,
+    /// Which file this is (size and fingerprint included).
+    pub id: SnapshotId,
+    /// Offset of the first byte that follows: what the receiver said it has.
+    pub offset: u64,
+}
+
+/// A sender proposing a snapshot before streaming it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotOffer {
+    /// The sending leader's vote.
+    pub vote: keel_storage::types::Vote,
+    /// Snapshot metadata (last included log id, membership).
+    pub meta: keel_storage::types::SnapshotMeta,
+    /// Which file this is.
+    pub id: SnapshotId,
+}
+
+/// The receiver's answer to a [`SnapshotOffer`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum OfferReply {
+    /// Send the file from this offset: the receiver holds (and verified)
+    /// every byte before it from an earlier attempt; 0 means from the start.
+    Resume {
+        /// First byte to send.
+        from: u64,
+    },
+    /// The receiver has committed this snapshot's state already (e.g. it
+    /// installed it and the answer got lost): nothing to send.
+    Covered {
+        /// The receiver's vote.
+        vote: keel_storage::types::Vote,
+    },
+    /// Another transfer is still finishing; offer again shortly.
+    Busy,
+    /// The receiver will not take this snapshot.
+    Refused(String),
+}
+
+/// The receiver's answer once a snapshot transfer attempt ends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SnapshotReply {
+    /// Complete, verified and handed to Raft.
+    Installed(openraft::raft::SnapshotResponse<keel_storage::TypeConfig>),
+    /// A frame failed verification or the stream ended before the trailer:
+    /// resend from `from`, the end of the last verified frame.
+    Resend {
+        /// First byte to send again.
+        from: u64,
+        /// What went wrong.
+        why: String,
+    },
 }
 
 #[cfg(test)]

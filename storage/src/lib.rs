@@ -12,6 +12,7 @@
 //! - `snapshots/`: the newest snapshot file and `incoming/` transfers.
 
 pub mod codec;
+pub mod failpoints;
 pub mod fsutil;
 pub mod hooks;
 pub mod log_store;

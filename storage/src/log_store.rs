@@ -271,6 +271,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        crate::failpoints::crash_point("log-before-purge");
         // The purge marker and the deletion go in one synced batch: after a
         // crash either both happened or neither did.
         let mut b = WriteBatch::default();

@@ -332,7 +332,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>>, io::Error> {
-        self.shared.snapshots.current()
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || crate::snapshot::current_or_rebuild(&shared))
+            .await
+            .map_err(io::Error::other)?
     }
 }
 

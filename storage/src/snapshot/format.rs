@@ -530,6 +530,11 @@ impl StreamVerifier {
         self.summary.unwrap_or(self.totals.sum).file_bytes
     }
 
+    /// Returns the number of chunks verified so far.
+    pub fn chunks_verified(&self) -> u64 {
+        self.totals.sum.chunks
+    }
+
     /// Returns the header once its frame has been verified.
     pub fn header(&self) -> Option<&SnapshotHeader> {
         self.header.as_ref()

@@ -6,11 +6,15 @@
 //! install protocol and why each step is ordered as it is.
 
 pub mod format;
+pub mod restore;
+pub mod transfer;
 
 use std::fs;
 use std::io;
 use std::io::BufReader;
 use std::io::BufWriter;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,10 +26,12 @@ use std::time::SystemTime;
 use openraft::RaftSnapshotBuilder;
 use rocksdb::IteratorMode;
 use rocksdb::WriteBatch;
+use rocksdb::WriteOptions;
 
 use crate::codec::db_err;
 use crate::codec::decode;
 use crate::codec::encode;
+use crate::failpoints::crash_point;
 use crate::fsutil;
 use crate::state_machine::CF_DATA;
 use crate::state_machine::CF_META;
@@ -138,24 +144,102 @@ impl SnapshotStore {
         Ok(to)
     }
 
-    /// The newest finished snapshot, if any.
-    pub(crate) fn current(
+    /// The newest finished snapshot that passes the cheap check (header,
+    /// trailer, size), if any. A stored file failing it is set aside as
+    /// `.corrupt`; the second value tells whether that happened now or
+    /// earlier (a corrupt file is still there), so the caller can rebuild.
+    fn newest_valid(
         &self,
-    ) -> io::Result<Option<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>>> {
-        let Some(path) = self.finished()?.pop() else {
-            return Ok(None);
-        };
-        let file = SnapshotFile::open(path)?;
-        let reader = SnapshotReader::new(BufReader::new(file.file.try_clone()?)).map_err(snap_err)?;
-        let meta: SnapshotMeta = decode(&reader.header().meta, "snapshot meta")?;
-        Ok(Some(openraft::type_config::alias::SnapshotOf::<
-            TypeConfig,
-            SnapshotFile,
-        > {
-            meta,
-            snapshot: file,
-        }))
+    ) -> io::Result<(
+        Option<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>>,
+        bool,
+    )> {
+        let mut lost = self.has_quarantined()?;
+        for path in self.finished()?.into_iter().rev() {
+            let file = SnapshotFile::open(path.clone())?;
+            let checked = transfer::identify(&file.file)
+                .map_err(snap_err)
+                .and_then(|(header, _)| decode_meta(&header));
+            match checked {
+                Ok(meta) => {
+                    return Ok((
+                        Some(openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotFile> {
+                            meta,
+                            snapshot: file,
+                        }),
+                        lost,
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "stored snapshot is corrupt; setting it aside");
+                    quarantine(&file)?;
+                    lost = true;
+                }
+            }
+        }
+        Ok((None, lost))
     }
+
+    fn has_quarantined(&self) -> io::Result<bool> {
+        Ok(fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().ends_with(".corrupt")))
+    }
+}
+
+/// Decodes the Raft snapshot meta a snapshot header carries.
+pub fn decode_meta(header: &format::SnapshotHeader) -> io::Result<SnapshotMeta> {
+    decode(&header.meta, "snapshot meta")
+}
+
+/// Sets a stored snapshot that failed verification aside (renamed to
+/// `<name>.corrupt`, replacing an older one) so it is neither sent nor
+/// saved again; the next request for the current snapshot builds a new one
+/// from the state machine. Does nothing if `file` was already replaced.
+pub fn quarantine(file: &SnapshotFile) -> io::Result<()> {
+    let same = match (fs::metadata(&file.path), file.file.metadata()) {
+        (Ok(on_disk), Ok(open)) => on_disk.ino() == open.ino() && on_disk.dev() == open.dev(),
+        _ => false,
+    };
+    if !same {
+        return Ok(());
+    }
+    let Some(dir) = file.path.parent() else {
+        return Ok(());
+    };
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().ends_with(".corrupt") {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    let mut to = file.path.clone().into_os_string();
+    to.push(".corrupt");
+    fs::rename(&file.path, &to)?;
+    fsutil::fsync_dir(dir)?;
+    tracing::error!(file = %file.path.display(), "corrupt snapshot set aside; a new one will be built");
+    Ok(())
+}
+
+/// The snapshot openraft should use: the newest stored one that passes the
+/// cheap check, or, when a stored snapshot was found corrupt and none is
+/// left, a new one built from the state machine (never a corrupt one).
+pub(crate) fn current_or_rebuild(
+    shared: &Shared,
+) -> io::Result<Option<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>>> {
+    let (found, lost) = shared.snapshots.newest_valid()?;
+    if found.is_some() || !lost {
+        return Ok(found);
+    }
+    if crate::state_machine::read_applied(&shared.db())?.0.is_none() {
+        return Ok(None);
+    }
+    tracing::warn!("no intact stored snapshot left: building a new one from the state machine");
+    let start = Instant::now();
+    let res = build(shared);
+    let bytes = res.as_ref().ok().and_then(|s| s.snapshot.len().ok()).unwrap_or(0);
+    shared.hooks.snapshot_built(res.is_ok(), start.elapsed(), bytes);
+    res.map(Some)
 }
 
 /// Directory where a node receiving a snapshot writes it before install.
@@ -249,10 +333,16 @@ fn build(shared: &Shared) -> io::Result<openraft::type_config::alias::SnapshotOf
 /// Installs a received snapshot. Returns the new applied index, or `None`
 /// when the snapshot is not newer than the applied state (it is then left
 /// alone: `last_applied` never moves backwards).
+///
+/// The steps and what a crash after each leaves are in `DESIGN.md`; each
+/// step boundary has a failpoint (see [`crate::failpoints`]).
 pub(crate) fn install(shared: &Shared, meta: &SnapshotMeta, snapshot: SnapshotFile) -> io::Result<Option<u64>> {
     let applied = crate::state_machine::read_applied(&shared.db())?.0;
     if meta.last_log_id <= applied {
         tracing::warn!(snapshot = ?meta.last_log_id, ?applied, "refusing a snapshot that is not newer than the applied state");
+        // openraft may now purge the log up to the snapshot: make sure the
+        // applied state that covers it is durable first.
+        shared.db().flush_wal(true).map_err(db_err)?;
         return Ok(None);
     }
     // 1. Verify everything before changing anything.
@@ -266,14 +356,18 @@ pub(crate) fn install(shared: &Shared, meta: &SnapshotMeta, snapshot: SnapshotFi
             ),
         ));
     }
-    let file_meta: SnapshotMeta = decode(&header.meta, "snapshot meta")?;
+    let file_meta: SnapshotMeta = decode_meta(&header)?;
     if file_meta.last_log_id != meta.last_log_id {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "snapshot file does not match the metadata it was sent with",
         ));
     }
-    // 2. Build the next generation beside the live one.
+    crash_point("snap-verified");
+    // 2. Build the next generation beside the live one. Its writes skip the
+    // WAL: the generation becomes live only after every column family is
+    // flushed to (synced) table files, and a crash before the switch throws
+    // the whole directory away.
     let sm_dir = &shared.sm_dir;
     let current = crate::state_machine::current_generation_of(sm_dir)?;
     let next = current + 1;
@@ -285,32 +379,49 @@ pub(crate) fn install(shared: &Shared, meta: &SnapshotMeta, snapshot: SnapshotFi
         let db = crate::state_machine::open_generation(&next_dir)?;
         let data_cf = db.cf_handle(CF_DATA).expect("data column family");
         let meta_cf = db.cf_handle(CF_META).expect("meta column family");
+        let mut no_wal = WriteOptions::default();
+        no_wal.disable_wal(true);
         let mut reader = SnapshotReader::new(BufReader::new(fs::File::open(&snapshot.path)?)).map_err(snap_err)?;
         let mut batch = WriteBatch::default();
         while let Some((k, v)) = reader.next_record().map_err(snap_err)? {
             batch.put_cf(data_cf, k, v);
             if batch.size_in_bytes() > 4 << 20 {
-                db.write(std::mem::take(&mut batch)).map_err(db_err)?;
+                db.write_opt(std::mem::take(&mut batch), &no_wal).map_err(db_err)?;
             }
         }
         if let Some(l) = &meta.last_log_id {
             batch.put_cf(meta_cf, KEY_APPLIED, encode(l)?);
         }
         batch.put_cf(meta_cf, KEY_MEMBERSHIP, encode(&meta.last_membership)?);
-        db.write(batch).map_err(db_err)?;
-        db.flush().map_err(db_err)?;
-        db.flush_wal(true).map_err(db_err)?;
+        db.write_opt(batch, &no_wal).map_err(db_err)?;
+        db.flush_cf(data_cf).map_err(db_err)?;
+        db.flush_cf(meta_cf).map_err(db_err)?;
     }
     fsutil::fsync_dir(sm_dir)?;
-    // 3. The switch: one atomic rename of CURRENT.
-    crate::state_machine::switch_generation(sm_dir, next)?;
+    // 3. Keep the file as this node's current snapshot, before the switch:
+    // openraft requires a stored snapshot covering the state machine
+    // whenever the state machine is ahead of the log, and after a crash
+    // between here and the switch it installs this file again at start.
+    let published = shared.snapshots.publish(&snapshot.path, meta)?;
+    drop(snapshot);
+    // 4. The switch: one atomic rename of CURRENT, then a directory fsync.
+    let current_path = sm_dir.join("CURRENT");
+    let tmp = sm_dir.join(".CURRENT.tmp");
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(format!("gen-{next}\n").as_bytes())?;
+        f.sync_all()?;
+    }
+    crash_point("snap-before-switch");
+    fs::rename(&tmp, &current_path)?;
+    crash_point("snap-before-dir-fsync");
+    fsutil::fsync_dir(sm_dir)?;
+    crash_point("snap-after-dir-fsync");
     let db = Arc::new(crate::state_machine::open_generation(&next_dir)?);
     let old = std::mem::replace(&mut *shared.db.write().expect("state machine lock poisoned"), db);
-    // 4. Keep the installed file as our current snapshot.
-    shared.snapshots.publish(&snapshot.path, meta)?;
-    drop(snapshot);
+    crash_point("snap-after-switch");
     retire(old, sm_dir.clone(), next);
-    tracing::info!(last = ?meta.last_log_id, records = summary.records, "snapshot installed");
+    tracing::info!(last = ?meta.last_log_id, records = summary.records, generation = next, file = %published.display(), "snapshot installed");
     Ok(meta.last_log_id.as_ref().map(|l| l.index))
 }
 
