@@ -60,6 +60,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(crate::control_api::routes())
         .merge(crate::ha::routes())
         .merge(crate::snapshot_api::routes())
+        .merge(crate::membership::router(&state))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::map_response(json_errors))

@@ -146,6 +146,16 @@ impl Cluster {
         let _ = self.inner.stopping.subscribe().wait_for(|s| *s).await;
     }
 
+    /// Connections to the other nodes.
+    pub fn pool(&self) -> &PeerPool {
+        &self.inner.pool
+    }
+
+    /// The client request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
     /// Waits until some leader is known, up to `deadline`.
     async fn leader(&self, deadline: Instant) -> Result<u64, ApiError> {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -213,7 +223,8 @@ impl Cluster {
                 }
             } else {
                 // A node that knows the leader's id before it has applied
-                // the membership naming its address waits for it.
+                // the membership naming its address, or whose leader was just
+                // removed from the membership (it steps down soon), waits.
                 if let Some(addr) = self.raft_addr_of(leader) {
                     let remaining = deadline.saturating_duration_since(Instant::now());
                     match self

@@ -78,6 +78,9 @@ pub struct FileConfig {
     pub initial_members: Option<Vec<MemberAddr>>,
     /// URL of any member of an existing cluster to join.
     pub join: Option<String>,
+    /// With `join`: become a voter once caught up (otherwise stay a learner
+    /// until an operator promotes this node).
+    pub auto_promote: Option<bool>,
     /// Serve without TLS (testing only).
     pub insecure: Option<bool>,
     /// How long a client request may wait for a leader, milliseconds.
@@ -127,6 +130,9 @@ pub struct ServeArgs {
     /// Join an existing cluster through this member's API URL.
     #[arg(long, env = "KEEL_JOIN")]
     pub join: Option<String>,
+    /// With --join: become a voter once caught up.
+    #[arg(long, env = "KEEL_AUTO_PROMOTE", num_args = 0..=1, default_missing_value = "true")]
+    pub auto_promote: Option<bool>,
     /// Serve without TLS. Anyone who can reach the ports can read, write and
     /// inject Raft messages: for tests on an isolated machine only.
     #[arg(long, env = "KEEL_INSECURE", num_args = 0..=1, default_missing_value = "true")]
@@ -187,6 +193,8 @@ pub struct Config {
     pub initial_members: BTreeMap<u64, MemberAddr>,
     /// API URL of a member to join through.
     pub join: Option<String>,
+    /// Ask to become a voter once caught up (with `join`).
+    pub auto_promote: bool,
     /// No TLS.
     pub insecure: bool,
     /// Client request timeout.
@@ -334,6 +342,15 @@ impl Config {
         if join.is_some() && !initial_members.is_empty() {
             bail!("set either initial_members (new cluster) or join (existing cluster), not both");
         }
+        if let Some(url) = &join
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            bail!("join = {url:?}: expected the API URL of a member, e.g. https://node1.example:7001");
+        }
+        let auto_promote = a.auto_promote.or(f.auto_promote).unwrap_or(false);
+        if auto_promote && join.is_none() {
+            bail!("auto_promote needs join (the URL of a member of the cluster to join)");
+        }
         let insecure = a.insecure.or(f.insecure).unwrap_or(false);
         let heartbeat_ms = a.heartbeat_ms.or(f.raft.heartbeat_ms).unwrap_or(100);
         let emin = a
@@ -384,6 +401,7 @@ impl Config {
             raft_advertise,
             initial_members,
             join,
+            auto_promote,
             insecure,
             request_timeout: Duration::from_millis(a.request_timeout_ms.or(f.request_timeout_ms).unwrap_or(5000)),
             log_json,
@@ -484,6 +502,27 @@ mod tests {
         assert_eq!(c.initial_members.len(), 3);
         assert_eq!(c.api_advertise, "node1.example:7001");
         assert!(c.tls.is_some());
+    }
+
+    #[test]
+    fn join_needs_a_url_and_auto_promote_needs_join() {
+        let mut a = base();
+        a.auto_promote = Some(true);
+        let err = Config::merge(&a, FileConfig::default()).unwrap_err().to_string();
+        assert!(err.contains("auto_promote needs join"), "{err}");
+        a.join = Some("node1:7001".into());
+        let err = Config::merge(&a, FileConfig::default()).unwrap_err().to_string();
+        assert!(err.contains("expected the API URL"), "{err}");
+        a.join = Some("https://node1:7001".into());
+        let c = Config::merge(&a, FileConfig::default()).unwrap();
+        assert!(c.auto_promote);
+        a.initial_members = Some("2=h:1/h:2".into());
+        let err = Config::merge(&a, FileConfig::default()).unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
+        assert!(
+            Config::merge(&a, FileConfig::default()).is_err(),
+            "join and initial_members exclude each other"
+        );
     }
 
     #[test]

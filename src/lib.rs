@@ -17,6 +17,8 @@ pub mod dev_cluster;
 pub mod error;
 pub mod expiry;
 pub mod ha;
+pub mod member_cli;
+pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod observe;

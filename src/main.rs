@@ -33,6 +33,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Membership: list, add, promote, remove.
+    #[command(subcommand)]
+    Member(keel::member_cli::MemberCmd),
+    /// Leadership: transfer.
+    #[command(subcommand)]
+    Leader(keel::member_cli::LeaderCmd),
+    /// Recover a stopped node after the loss of quorum (unsafe; see the README).
+    Recover(Box<keel::member_cli::RecoverArgs>),
     /// Workers: list, get, put, rm.
     Worker {
         #[command(flatten)]
@@ -164,6 +172,9 @@ fn main() -> std::process::ExitCode {
             }
             Cmd::Cert(c) => cert(c),
             Cmd::Status { client, json } => keel::cli::status(&client, json).await,
+            Cmd::Member(c) => keel::member_cli::member(c).await,
+            Cmd::Leader(c) => keel::member_cli::leader(c).await,
+            Cmd::Recover(a) => keel::member_cli::recover(*a).await,
             Cmd::Worker { client, cmd } => keel::resource_cli::worker(&client, cmd).await,
             Cmd::Policy { client, cmd } => keel::resource_cli::policy(&client, cmd).await,
             Cmd::Ratelimit { client, cmd } => keel::resource_cli::ratelimit(&client, cmd).await,

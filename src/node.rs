@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use crate::api;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::membership;
 
 /// Builds openraft's configuration from ours.
 fn raft_config(c: &Config) -> anyhow::Result<openraft::Config> {
@@ -76,6 +77,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let reader = storage.reader.clone();
 
     let client_tls = material.as_ref().map(|m| m.client_config(true)).transpose()?;
+    let api_client_tls = material.as_ref().map(|m| m.client_config(false)).transpose()?;
     let pool = PeerPool::new(
         config.node_id,
         &config.cluster_name,
@@ -99,27 +101,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the API port {}", config.api_listen))?;
     let (stop_tx, stop_rx) = watch::channel(false);
-
-    let peer = Arc::new(PeerService {
-        raft: raft.clone(),
-        node_id: config.node_id,
-        cluster: config.cluster_name.clone(),
-        insecure: config.insecure,
-        incoming_dir: keel_storage::snapshot::incoming_dir(&config.data_dir),
-        hooks: Arc::new(crate::metrics::NetMetrics),
-        inbox: Default::default(),
-    });
-    let peer_tls = material.as_ref().map(|m| m.peer_server_config()).transpose()?;
-    let peer_task = tokio::spawn(keel_raft::serve::serve(
-        raft_listener,
-        peer_tls,
-        move |conn: ConnInfo| {
-            let peer = peer.clone();
-            hyper::service::service_fn(move |req| peer.clone().handle(conn.clone(), req))
-        },
-        stop_rx.clone(),
-        ServeOptions::default(),
-    ));
+    // The peer port stops last, after Raft: in-flight client requests may
+    // still need it to reach the leader, and its long-lived replication
+    // streams only end once Raft has stopped.
+    let (peer_stop_tx, peer_stop_rx) = watch::channel(false);
 
     let cluster = Cluster::new(config.node_id, raft.clone(), reader, pool, config.request_timeout);
     let watch = crate::watch::WatchHub::start(cluster.reader().clone());
@@ -129,6 +114,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         insecure: config.insecure,
         watch,
     });
+    let peer = Arc::new(PeerService {
+        raft: raft.clone(),
+        node_id: config.node_id,
+        cluster: config.cluster_name.clone(),
+        insecure: config.insecure,
+        incoming_dir: keel_storage::snapshot::incoming_dir(&config.data_dir),
+        hooks: Arc::new(crate::metrics::NetMetrics),
+        inbox: Default::default(),
+        api_forward: Some(Arc::new(membership::Forwarder::new(router.clone()))),
+    });
+    let peer_tls = material.as_ref().map(|m| m.peer_server_config()).transpose()?;
+    let peer_task = tokio::spawn(keel_raft::serve::serve(
+        raft_listener,
+        peer_tls,
+        move |conn: ConnInfo| {
+            let peer = peer.clone();
+            hyper::service::service_fn(move |req| peer.clone().handle(conn.clone(), req))
+        },
+        peer_stop_rx,
+        ServeOptions::default(),
+    ));
+
     tokio::spawn(crate::expiry::run(cluster.clone(), stop_rx.clone()));
     let api_tls = material.as_ref().map(|m| m.api_server_config()).transpose()?;
     let api_task = tokio::spawn(keel_raft::serve::serve(
@@ -149,20 +156,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "node started"
     );
     bootstrap(&config, &raft, pristine).await?;
+    if let Some(url) = &config.join {
+        let plan = membership::JoinPlan {
+            url: url.clone(),
+            id: config.node_id,
+            raft_addr: config.raft_advertise.clone(),
+            api_addr: config.api_advertise.clone(),
+            auto_promote: config.auto_promote,
+            tls: api_client_tls,
+        };
+        tokio::spawn(membership::join_loop(plan, cluster.clone()));
+    }
 
     tokio::select! {
         _ = wait_for_signal() => {}
         _ = cluster.shutdown_requested() => {}
     }
-    tracing::info!("shutting down: no longer ready, draining requests");
+    tracing::info!("shutting down: no longer ready, handing off leadership, draining requests");
     cluster.begin_shutdown();
+    membership::hand_off(&cluster).await;
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(15), async {
-        let _ = api_task.await;
-        let _ = peer_task.await;
-    })
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), api_task).await;
     raft.shutdown().await.context("stopping raft")?;
+    let _ = peer_stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), peer_task).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -176,7 +193,7 @@ async fn bootstrap(config: &Config, raft: &Raft, pristine: bool) -> anyhow::Resu
         return Ok(());
     }
     let Some(first) = config.initial_members.keys().next() else {
-        tracing::info!("no initial members: waiting for a leader to add this node");
+        tracing::info!("no initial members: waiting to be added to a cluster (--join, or an operator's add)");
         return Ok(());
     };
     if !config.initial_members.contains_key(&config.node_id) {

@@ -25,6 +25,7 @@ use keel_storage::KeelNode;
 use keel_storage::NodeId;
 use keel_storage::SnapshotFile;
 use keel_storage::TypeConfig;
+use keel_storage::types::Vote;
 use openraft::base::BoxFuture;
 use openraft::base::BoxStream;
 use openraft::errors::NetworkError;
@@ -38,6 +39,7 @@ use openraft::network::v2::RaftNetworkV2;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendError;
 use openraft::raft::StreamAppendResult;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
@@ -130,6 +132,9 @@ struct PoolInner {
     tls: Option<Arc<rustls::ClientConfig>>,
     slots: std::sync::Mutex<HashMap<NodeId, Arc<Mutex<Slot>>>>,
     hooks: Arc<dyn NetHooks>,
+    /// Per peer: the highest log index it acknowledged to this node as the
+    /// leader of the given vote. See [`PeerPool::check_reversion`].
+    matched: std::sync::Mutex<HashMap<NodeId, (Vote, u64)>>,
 }
 
 impl PeerPool {
@@ -148,6 +153,7 @@ impl PeerPool {
                 tls,
                 slots: Default::default(),
                 hooks,
+                matched: Default::default(),
             }),
         }
     }
@@ -170,6 +176,40 @@ impl PeerPool {
     /// Drops the connection to `target` (e.g. after its address changed).
     pub fn forget(&self, target: NodeId) {
         self.inner.slots.lock().expect("pool lock poisoned").remove(&target);
+    }
+
+    /// Forgets what `target` acknowledged: call it when the node leaves the
+    /// membership, so that adding it again replicates to it from scratch.
+    pub fn reset_matched(&self, target: NodeId) {
+        self.inner.matched.lock().expect("pool lock poisoned").remove(&target);
+    }
+
+    /// Records that `target` holds the log up to `index` for the leader of `vote`.
+    fn note_matched(&self, target: NodeId, vote: &Vote, index: u64) {
+        let mut m = self.inner.matched.lock().expect("pool lock poisoned");
+        match m.get_mut(&target) {
+            Some((v, i)) if v == vote => *i = (*i).max(index),
+            _ => {
+                m.insert(target, (*vote, index));
+            }
+        }
+    }
+
+    /// A follower that reports a conflict at or below an index it already
+    /// acknowledged to the same leader has lost its log: its data directory
+    /// was wiped or lost. openraft treats such a reversion as a bug (a debug
+    /// assertion, and replication stuck in release builds), so the conflict
+    /// is turned into a network error here and the node stays cut off until
+    /// an operator removes it and adds it again.
+    fn check_reversion(&self, target: NodeId, vote: &Vote, conflict: u64) -> Result<(), String> {
+        let m = self.inner.matched.lock().expect("pool lock poisoned");
+        match m.get(&target) {
+            Some((v, acked)) if v == vote && conflict <= *acked => Err(format!(
+                "node {target} lost log entries it had acknowledged (up to index {acked}, now missing index \
+                 {conflict}): its data was wiped or lost; remove it from the cluster and add it again"
+            )),
+            _ => Ok(()),
+        }
     }
 
     async fn sender(&self, target: NodeId, addr: &str) -> Result<SendRequest<ReqBody>, PeerError> {
@@ -407,8 +447,20 @@ impl PeerNetwork {
         // while something is outstanding.
         let pending = Arc::new(AtomicU64::new(0));
         let sent = pending.clone();
-        let frames = input.map(move |req| {
+        // Every request of one stream carries the same leader vote.
+        let stream_vote: Arc<std::sync::Mutex<Option<Vote>>> = Default::default();
+        let seen_vote = stream_vote.clone();
+        // openraft sleeps out its retry backoff while producing the first
+        // request of a stream. Take that request before connecting: an
+        // unreachable peer is then retried at the backoff's pace instead of
+        // in a busy loop of instant connect refusals.
+        let mut input = input;
+        let Some(first) = input.next().await else {
+            return Ok(Box::pin(futures::stream::empty()));
+        };
+        let frames = futures::stream::iter([first]).chain(input).map(move |req| {
             sent.fetch_add(1, Ordering::Relaxed);
+            seen_vote.lock().expect("vote lock poisoned").get_or_insert(req.vote);
             wire::frame(&req).map(hyper::body::Frame::data)
         });
         let body = http_body_util::StreamBody::new(frames).boxed_unsync();
@@ -432,33 +484,50 @@ impl PeerNetwork {
             )));
         }
         let state = (resp.into_body(), wire::FrameReader::default(), pending, false);
-        let results = futures::stream::unfold(state, move |(mut body, mut reader, pending, done)| async move {
-            if done {
-                return None;
-            }
-            loop {
-                match reader.next_message::<StreamAppendResult<TypeConfig>>() {
-                    Ok(Some(r)) => {
-                        pending.fetch_sub(1, Ordering::Relaxed);
-                        return Some((Ok(r), (body, reader, pending, false)));
-                    }
-                    Ok(None) => {}
-                    Err(e) => return Some((Err(net(e.to_string())), (body, reader, pending, true))),
+        let (pool, target) = (self.pool.clone(), self.target);
+        let results = futures::stream::unfold(state, move |(mut body, mut reader, pending, done)| {
+            let (pool, stream_vote) = (pool.clone(), stream_vote.clone());
+            async move {
+                if done {
+                    return None;
                 }
-                let next = match tokio::time::timeout(ttl, body.frame()).await {
-                    Ok(f) => f,
-                    Err(_) if pending.load(Ordering::Relaxed) == 0 => continue,
-                    Err(_) => {
-                        let e = net(format!("no append result within {ttl:?}"));
-                        return Some((Err(e), (body, reader, pending, true)));
+                loop {
+                    match reader.next_message::<StreamAppendResult<TypeConfig>>() {
+                        Ok(Some(r)) => {
+                            pending.fetch_sub(1, Ordering::Relaxed);
+                            let vote = *stream_vote.lock().expect("vote lock poisoned");
+                            if let Some(vote) = vote {
+                                match &r {
+                                    Ok(Some(matched)) => pool.note_matched(target, &vote, matched.index),
+                                    Err(StreamAppendError::Conflict(c)) => {
+                                        if let Err(e) = pool.check_reversion(target, &vote, c.index) {
+                                            tracing::error!(target, "{e}");
+                                            return Some((Err(net(e)), (body, reader, pending, true)));
+                                        }
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            return Some((Ok(r), (body, reader, pending, false)));
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Some((Err(net(e.to_string())), (body, reader, pending, true))),
                     }
-                };
-                match next {
-                    None => return None,
-                    Some(Err(e)) => return Some((Err(net(e.to_string())), (body, reader, pending, true))),
-                    Some(Ok(f)) => {
-                        if let Ok(d) = f.into_data() {
-                            reader.push(&d);
+                    let next = match tokio::time::timeout(ttl, body.frame()).await {
+                        Ok(f) => f,
+                        Err(_) if pending.load(Ordering::Relaxed) == 0 => continue,
+                        Err(_) => {
+                            let e = net(format!("no append result within {ttl:?}"));
+                            return Some((Err(e), (body, reader, pending, true)));
+                        }
+                    };
+                    match next {
+                        None => return None,
+                        Some(Err(e)) => return Some((Err(net(e.to_string())), (body, reader, pending, true))),
+                        Some(Ok(f)) => {
+                            if let Ok(d) = f.into_data() {
+                                reader.push(&d);
+                            }
                         }
                     }
                 }
@@ -745,9 +814,12 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                         id.len
                     )));
                 }
-                Ok(wire::OfferReply::Covered { vote }) => {
+                Ok(wire::OfferReply::Covered { vote: theirs }) => {
                     tracing::info!(target, snapshot = %id, "receiver already holds the snapshot's state");
-                    return Ok(SnapshotResponse::new(vote));
+                    if let Some(last) = &meta.last_log_id {
+                        self.pool.note_matched(target, &vote, last.index);
+                    }
+                    return Ok(SnapshotResponse::new(theirs));
                 }
                 Ok(wire::OfferReply::Busy) => {
                     Self::pause(Duration::from_millis(500), &mut cancel).await?;
@@ -800,6 +872,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                         mb_per_s = format!("{:.1}", sent as f64 / 1e6 / elapsed.as_secs_f64().max(1e-6)),
                         "snapshot sent"
                     );
+                    if let Some(last) = &meta.last_log_id {
+                        self.pool.note_matched(target, &vote, last.index);
+                    }
                     return Ok(resp);
                 }
                 Ok(wire::SnapshotReply::Resend { from, why }) => {

@@ -32,6 +32,14 @@ use crate::serve::ConnInfo;
 use crate::tls::Identity;
 use crate::wire;
 
+/// Runs an API request relayed by another node (see [`wire::PATH_API_FORWARD`]).
+/// Implemented by the binary, which owns the API router.
+pub trait ApiForwardHandler: Send + Sync {
+    /// Serves `req`, relayed by node `from`.
+    fn handle(&self, from: NodeId, req: wire::ApiForward)
+    -> futures::future::BoxFuture<'static, wire::ApiForwardReply>;
+}
+
 /// What the peer service needs.
 pub struct PeerService {
     /// The local Raft node.
@@ -46,6 +54,9 @@ pub struct PeerService {
     pub incoming_dir: PathBuf,
     /// Metrics hooks.
     pub hooks: Arc<dyn NetHooks>,
+    /// Serves API requests relayed to this node as the leader; `None`
+    /// refuses them.
+    pub api_forward: Option<Arc<dyn ApiForwardHandler>>,
     /// The snapshot transfer in progress, if any.
     pub inbox: SnapshotInbox,
 }
@@ -167,16 +178,22 @@ impl PeerService {
                 self.stream_append(req)
             }
             wire::PATH_VOTE => match read_msg(req).await {
-                Ok(m) => match self.raft.vote(m).await {
-                    Ok(r) => ok_msg(&r),
-                    Err(e) => fatal(&e),
+                Ok(m) => match self.refuse_vote_with_empty_log(from, &m) {
+                    Some(r) => r,
+                    None => match self.raft.vote(m).await {
+                        Ok(r) => ok_msg(&r),
+                        Err(e) => fatal(&e),
+                    },
                 },
                 Err(r) => r,
             },
             wire::PATH_PRE_VOTE => match read_msg(req).await {
-                Ok(m) => match self.raft.pre_vote(m).await {
-                    Ok(r) => ok_msg(&r),
-                    Err(e) => fatal(&e),
+                Ok(m) => match self.refuse_vote_with_empty_log(from, &m) {
+                    Some(r) => r,
+                    None => match self.raft.pre_vote(m).await {
+                        Ok(r) => ok_msg(&r),
+                        Err(e) => fatal(&e),
+                    },
                 },
                 Err(r) => r,
             },
@@ -192,6 +209,11 @@ impl PeerService {
                 Err(r) => r,
             },
             wire::PATH_READ_INDEX => ok_msg(&self.read_index().await),
+            wire::PATH_API_FORWARD => match (&self.api_forward, read_msg::<wire::ApiForward>(req).await) {
+                (_, Err(r)) => r,
+                (None, Ok(_)) => reply(StatusCode::NOT_FOUND, "this node does not serve relayed API calls"),
+                (Some(h), Ok(m)) => ok_msg(&h.handle(from, m).await),
+            },
             wire::PATH_SNAPSHOT_OFFER => match read_msg::<wire::SnapshotOffer>(req).await {
                 Ok(m) => ok_msg(&self.snapshot_offer(from, m).await),
                 Err(r) => r,
@@ -251,6 +273,36 @@ impl PeerService {
             Err(fatal) => Err(io::Error::other(format!("raft stopped: {fatal}"))),
         });
         Response::new(http_body_util::StreamBody::new(results).boxed_unsync())
+    }
+
+    /// A node whose log holds nothing beyond the initial membership entry
+    /// refuses to vote for a candidate whose log is longer. Such a node is
+    /// either brand new (and a new node is added as a learner, so it holds
+    /// the log before it ever becomes a voter) or a member whose data
+    /// directory was wiped: its vote would let a candidate that lacks
+    /// committed entries win, and it forgot whom it voted for. It must be
+    /// removed from the cluster and added again. Cluster formation is not
+    /// affected: the first candidate's log ends at the initial entry.
+    fn refuse_vote_with_empty_log(&self, from: NodeId, req: &openraft::raft::VoteRequest<TypeConfig>) -> Option<Resp> {
+        let local = self.raft.metrics().borrow_watched().last_log_index.unwrap_or(0);
+        let candidate = req.last_log_id.as_ref().map(|l| l.index).unwrap_or(0);
+        if local > 0 || candidate == 0 {
+            return None;
+        }
+        tracing::warn!(
+            candidate = from,
+            candidate_last_index = candidate,
+            "vote refused: this node's log is empty but the cluster's is not; if this node's data was lost, \
+             remove it from the cluster and add it again"
+        );
+        Some(reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "node {} has an empty log and does not vote for a candidate with entries up to {candidate}; \
+                 it must be removed from the cluster and added again",
+                self.node_id
+            ),
+        ))
     }
 
     async fn forward_write(&self, req: wire::ForwardWrite) -> wire::ForwardReply {

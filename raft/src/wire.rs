@@ -34,6 +34,9 @@ pub const PATH_SNAPSHOT_OFFER: &str = "/raft/snapshot-offer";
 pub const PATH_FORWARD_WRITE: &str = "/keel/forward-write";
 /// A follower asking the leader for a read index (linearizable reads).
 pub const PATH_READ_INDEX: &str = "/keel/read-index";
+/// An admin API call relayed by a follower to the leader (membership
+/// changes and leader transfer run on the leader).
+pub const PATH_API_FORWARD: &str = "/keel/api-forward";
 
 /// Header naming the cluster the sender belongs to.
 pub const HDR_CLUSTER: &str = "x-keel-cluster";
@@ -154,6 +157,36 @@ pub enum ReadIndexReply {
 
 /// A forwarded write.
 pub type ForwardWrite = Request;
+
+/// An API request relayed to the leader. The body is opaque here; the
+/// receiving node runs it through its own API router as `caller`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiForward {
+    /// HTTP method.
+    pub method: String,
+    /// Path and query string.
+    pub path_and_query: String,
+    /// The request headers that matter to the handler (e.g. `if-match`).
+    pub headers: Vec<(String, String)>,
+    /// Request body.
+    pub body: Vec<u8>,
+    /// The identity of the original caller as the relaying node verified it
+    /// (`node/3`, `admin/ops`, ...); `None` in insecure mode.
+    pub caller: Option<String>,
+    /// The original caller's socket address.
+    pub remote: String,
+}
+
+/// The leader's answer to a relayed API request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiForwardReply {
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers worth passing on (`content-type`, `etag`, `retry-after`).
+    pub headers: Vec<(String, String)>,
+    /// Response body.
+    pub body: Vec<u8>,
+}
 
 /// First part of a snapshot transfer, before the file bytes: the body is
 /// `u32 LE length ++ bincode(envelope)`, then the file from `offset` on.

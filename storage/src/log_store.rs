@@ -65,7 +65,11 @@ impl LogStore {
         let cfs = [CF_LOGS, CF_META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs).map_err(db_err)?);
         let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
-        let flush_db = db.clone();
+        // A weak handle: the database closes when the last `LogStore` is
+        // dropped (in the thread that drops it), never later in this thread,
+        // where it could race with the process's exit and abort in RocksDB's
+        // static destructors.
+        let flush_db = Arc::downgrade(&db);
         let flush_hooks = hooks.clone();
         std::thread::Builder::new()
             .name("keel-log-fsync".into())
@@ -165,16 +169,23 @@ impl LogStore {
 
 /// The group-commit loop: waits for a flush request, takes every other one
 /// queued behind it, fsyncs the WAL once, then completes them all.
-fn group_commit(db: Arc<DB>, rx: mpsc::Receiver<IOFlushed<TypeConfig>>, hooks: Arc<dyn StorageHooks>) {
+fn group_commit(db: std::sync::Weak<DB>, rx: mpsc::Receiver<IOFlushed<TypeConfig>>, hooks: Arc<dyn StorageHooks>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let start = Instant::now();
-        let res = db.flush_wal(true);
+        // A flush request comes from a live `LogStore`, which holds the database open.
+        let res = match db.upgrade() {
+            Some(db) => db.flush_wal(true).map_err(Some),
+            None => Err(None),
+        };
         hooks.fsync(start.elapsed());
         hooks.append_batch(batch.len());
         for cb in batch {
-            cb.io_completed(res.clone().map_err(db_err));
+            cb.io_completed(res.clone().map_err(|e| match e {
+                Some(e) => db_err(e),
+                None => io::Error::other("the log database is closed"),
+            }));
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct NodeProc {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub child: std::sync::Mutex<Option<Child>>,
+    /// Among `initial_members` (false for nodes prepared to join later).
+    pub initial: bool,
 }
 
 impl NodeProc {
@@ -131,6 +133,7 @@ impl TestCluster {
                     config: dir.join("keel.toml"),
                     dir,
                     child: std::sync::Mutex::new(None),
+                    initial: true,
                 },
             );
         }
@@ -140,17 +143,7 @@ impl TestCluster {
             .collect::<Vec<_>>()
             .join(",");
         for p in nodes.values() {
-            let cfg = format!(
-                "node_id = {}\ncluster_name = \"{cluster_name}\"\ndata_dir = \"{}\"\napi_listen = \"{}\"\nraft_listen = \"{}\"\nlog_level = \"info,openraft=warn\"\n\n[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 1000\nelection_timeout_max_ms = 2000\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-                p.id,
-                p.data_dir().display(),
-                p.api_addr,
-                p.raft_addr,
-                certs.join("ca.pem").display(),
-                certs.join(format!("node-{}.pem", p.id)).display(),
-                certs.join(format!("node-{}-key.pem", p.id)).display(),
-            );
-            std::fs::write(&p.config, cfg).unwrap();
+            write_config(p, &certs, &cluster_name);
         }
         let mut extra_args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         extra_args.push(format!("--initial-members={members}"));
@@ -167,10 +160,42 @@ impl TestCluster {
         }
     }
 
+    /// Prepares (certificate, config, directory; nothing started) a node
+    /// that is not among the initial members, to join the cluster later.
+    pub fn prepare_joiner(&mut self, id: u64) {
+        assert!(!self.nodes.contains_key(&id), "node {id} exists");
+        keel::cert::create_node(&self.certs, id, &[], &keel::cert::CertOptions::default(), true)
+            .expect("node certificate");
+        let dir = self.root.path().join(format!("node-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = NodeProc {
+            id,
+            api_addr: free_addr(),
+            raft_addr: free_addr(),
+            config: dir.join("keel.toml"),
+            dir,
+            child: std::sync::Mutex::new(None),
+            initial: false,
+        };
+        write_config(&p, &self.certs, &self.cluster_name);
+        self.nodes.insert(id, p);
+    }
+
     /// Starts node `id` (again) with its config and data.
     pub fn spawn(&self, id: u64) {
-        let extra = self.extra_args.clone();
+        self.spawn_with(id, &[]);
+    }
+
+    /// Starts node `id` with extra flags (e.g. `--join URL`). Nodes that are
+    /// not initial members do not get `--initial-members`.
+    pub fn spawn_with(&self, id: u64, args: &[&str]) {
         let p = &self.nodes[&id];
+        let mut extra = self.extra_args.clone();
+        // A node that joins (or is not an initial member) must not get the
+        // initial member list: the two are exclusive.
+        let joining = !p.initial || args.iter().any(|a| a.starts_with("--join"));
+        extra.retain(|a| !(joining && a.starts_with("--initial-members")));
+        extra.extend(args.iter().map(|a| a.to_string()));
         let mut slot = p.child.lock().unwrap();
         assert!(slot.is_none(), "node {id} is already running");
         let log = std::fs::OpenOptions::new()
@@ -214,6 +239,16 @@ impl TestCluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The exit status of node `id` if its process has ended on its own.
+    pub fn exited(&self, id: u64) -> Option<std::process::ExitStatus> {
+        self.nodes[&id]
+            .child
+            .lock()
+            .unwrap()
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn running(&self) -> Vec<u64> {
@@ -393,6 +428,99 @@ impl TestCluster {
             assert!(start.elapsed() < WAIT, "applied indexes never converged: {idx:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Writes the config file of node `p`.
+fn write_config(p: &NodeProc, certs: &Path, cluster_name: &str) {
+    let cfg = format!(
+        "node_id = {}\ncluster_name = \"{cluster_name}\"\ndata_dir = \"{}\"\napi_listen = \"{}\"\nraft_listen = \"{}\"\nlog_level = \"info,openraft=warn\"\n\n[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 1000\nelection_timeout_max_ms = 2000\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        p.id,
+        p.data_dir().display(),
+        p.api_addr,
+        p.raft_addr,
+        certs.join("ca.pem").display(),
+        certs.join(format!("node-{}.pem", p.id)).display(),
+        certs.join(format!("node-{}-key.pem", p.id)).display(),
+    );
+    std::fs::write(&p.config, cfg).unwrap();
+}
+
+impl TestCluster {
+    /// An admin call to node `id`; `Err` carries a transport error.
+    pub async fn admin_call(
+        &self,
+        id: u64,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Reply, String> {
+        let mut req = self
+            .admin
+            .request(method, self.url(id, path))
+            .timeout(Duration::from_secs(45));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.map_err(|e| e.to_string())?;
+        Ok(Self::reply(r).await)
+    }
+
+    /// `GET /admin/members` through node `id`, which must succeed.
+    pub async fn members(&self, id: u64) -> Value {
+        let r = self
+            .admin_call(id, reqwest::Method::GET, "/admin/members", None)
+            .await
+            .expect("members request");
+        assert_eq!(r.status, 200, "members via node {id}: {:?}", r.body);
+        r.body
+    }
+
+    /// Waits until `/readyz` of node `id` answers 200.
+    pub async fn wait_ready(&self, id: u64) {
+        let start = Instant::now();
+        loop {
+            let ok = self
+                .client
+                .get(self.url(id, "/readyz"))
+                .timeout(Duration::from_secs(3))
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            if start.elapsed() > WAIT {
+                eprintln!("--- node {id} log ---\n{}", self.log_tail(id));
+                panic!("node {id} not ready within {WAIT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls `cond` (every 100 ms) until it holds, panicking with `what` after [`WAIT`].
+    pub async fn wait_until<F, Fut>(&self, what: &str, mut cond: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let start = Instant::now();
+        while !cond().await {
+            if start.elapsed() > WAIT {
+                for id in self.running() {
+                    eprintln!("--- node {id} log ---\n{}", self.log_tail(id));
+                }
+                panic!("timed out after {WAIT:?} waiting for: {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Deletes node `id`'s data directory (the node must be stopped).
+    pub fn wipe(&self, id: u64) {
+        assert!(!self.nodes[&id].is_running(), "stop node {id} before wiping it");
+        let _ = std::fs::remove_dir_all(self.nodes[&id].data_dir());
     }
 }
 
