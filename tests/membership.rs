@@ -191,6 +191,13 @@ async fn grow_three_to_five_and_shrink_back_under_writes_loses_nothing() {
         .unwrap();
     assert_eq!((r.status, &r.body["changed"]), (200, &json!(false)), "{:?}", r.body);
     c.spawn(4);
+    // A learner is not ready (it must not receive gateway traffic yet).
+    c.wait_until("node 4 runs as a learner", || async {
+        c.status(4).await.is_some_and(|s| s.role == "learner")
+    })
+    .await;
+    let ready = c.client.get(c.url(4, "/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503, "a learner must not be ready");
     let r = admin_until(&c, 3, Method::POST, "/admin/members/4/promote", "learner_lagging").await;
     assert_eq!(r.status, 200, "promote 4: {:?}", r.body);
     assert_eq!(r.body["role"], "voter");
