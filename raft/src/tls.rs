@@ -694,7 +694,7 @@ mod tests {
         assert_eq!((ok("https://a.example/x"), ok("spiffe://keel/node/1")), (None, None));
         let long = format!("keel://client/{}", "a".repeat(65));
         let bad = "keel://node/ keel://node/01 keel://node/+1 keel://node/1/2 keel://node/x \
-                   keel://node/18446744073709551616 keel://client/ keel://client/.. keel://root/x \
+                   keel://node/18446744073709551616 keel://client/ keel://client/.. keel://operator/x \
                    keel://admin/a/b keel://client/a%20b keel://node keel:node/1 KEEL://node/1";
         for uri in bad.split_whitespace().chain([long.as_str(), "keel://client/a b"]) {
             assert!(parse_identity_uri(uri).is_err(), "{uri} should be malformed");
