@@ -69,9 +69,32 @@ pub struct TestCluster {
     pub extra_args: Vec<String>,
 }
 
+/// A loopback address for a node to listen on.
+///
+/// Ports come from 20000..32000, below Linux's ephemeral range
+/// (32768..60999): a port the kernel hands to an outgoing connection can
+/// never be one a stopped node will bind again on restart. Each test process
+/// walks its own slice of the range (offset by pid) with a counter, so no
+/// port is handed out twice in one run; each candidate is test-bound first
+/// to skip ports something else holds.
 fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().unwrap().to_string()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() % 24) * 500,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return l.local_addr().unwrap().to_string();
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
 }
 
 pub fn http_client(certs: &Path, cert: &str, key: &str) -> reqwest::Client {
