@@ -77,6 +77,13 @@ pub struct StatusView {
     pub commit_index: u64,
     /// Index of the last applied entry.
     pub applied_index: u64,
+    /// Last index the newest snapshot covers (0: none yet).
+    #[serde(default)]
+    pub snapshot_index: u64,
+    /// Last index purged from the log (0: none); entries up to it are only
+    /// in the snapshot.
+    #[serde(default)]
+    pub purged_index: u64,
     /// Members of the current membership config.
     pub members: Vec<MemberView>,
 }
@@ -318,6 +325,8 @@ impl Cluster {
             last_log_index: m.last_log_index.unwrap_or(0),
             commit_index: m.local_committed.as_ref().map(|l| l.index).unwrap_or(0),
             applied_index: m.last_applied.as_ref().map(|l| l.index).unwrap_or(0),
+            snapshot_index: m.snapshot.as_ref().map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.as_ref().map(|l| l.index).unwrap_or(0),
             members,
         }
     }

@@ -312,6 +312,7 @@ fn schemas() -> Value {
                 "node_id": {"type": "integer"}, "role": {"type": "string"}, "term": {"type": "integer"},
                 "leader_id": {"type": "integer", "nullable": true}, "last_log_index": {"type": "integer"},
                 "commit_index": {"type": "integer"}, "applied_index": {"type": "integer"},
+                "snapshot_index": {"type": "integer"}, "purged_index": {"type": "integer"},
                 "members": {"type": "array", "items": {"type": "object"}}
             }
         },

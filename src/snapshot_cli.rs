@@ -55,9 +55,10 @@ pub enum SnapshotCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Seed the first node of a new cluster with a snapshot's state (disaster
-    /// recovery). The new cluster's name and members replace the ones in the
-    /// snapshot; this node must have the lowest id among the members.
+    /// Seed a member of a new cluster with a snapshot's state (disaster
+    /// recovery); run it for every member (at least a majority, the lowest id
+    /// among them). The new cluster's name and members replace the ones in
+    /// the snapshot.
     Restore {
         /// The snapshot file (from `keel snapshot save`).
         file: PathBuf,
@@ -394,8 +395,8 @@ async fn restore(file: &Path, target: &RestoreTarget) -> anyhow::Result<()> {
         report.source_voters
     );
     println!(
-        "next: start this node with `keel serve` and this data directory, then the other members with empty \
-         data directories and the same initial_members; they receive the state by snapshot"
+        "next: restore the same file for every other member (at least a majority, the lowest id among them), \
+         then start them all with `keel serve`; a member left empty receives the state by snapshot"
     );
     Ok(())
 }

@@ -182,11 +182,11 @@ async fn lag_behind(c: &TestCluster, leader: u64, follower: u64, prefix: &str, n
         n as f64 / took.as_secs_f64()
     );
     let t = trigger(c, leader).await;
-    let purged = t["purged_index"].as_u64().unwrap_or(0);
-    assert!(
-        purged > stopped_at,
-        "leader purged only up to {purged}, the follower stopped at {stopped_at}: {t}"
-    );
+    // The purge follows the snapshot asynchronously.
+    c.wait_until(&format!("leader purges past {stopped_at} after {t}"), || async {
+        c.status(leader).await.is_some_and(|s| s.purged_index > stopped_at)
+    })
+    .await;
 }
 
 #[ignore = "200,000 writes: about a minute on a quiet 2-core machine, many minutes under load; run with --ignored"]
@@ -309,7 +309,6 @@ async fn rejoin_and_converge(c: &TestCluster, leader: u64, follower: u64) -> Val
     c.assert_converged(&ids).await
 }
 
-#[ignore = "failed intermittently after the membership merge; run with --ignored while it is being fixed"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_at_any_install_step_leaves_a_node_that_recovers_and_catches_up() {
     let c = TestCluster::start_with(3, &["--snapshot-every=2000", "--keep-after-snapshot=100"]);
@@ -403,7 +402,6 @@ async fn a_bit_flipped_in_transit_is_rejected_and_only_the_bad_part_resent() {
     assert_eq!(num(&received, "received_bytes"), file - resend_from, "{received}");
 }
 
-#[ignore = "failed intermittently after the membership merge; run with --ignored while it is being fixed"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_transfer_broken_off_resumes_where_it_stopped() {
     // The sender breaks the stream off after its eighth 256 KiB piece, once.
@@ -507,7 +505,6 @@ async fn a_corrupt_stored_snapshot_is_never_sent_or_saved() {
     keel_cli(&c, &["snapshot", "inspect", backup.to_str().unwrap()]);
 }
 
-#[ignore = "failed intermittently after the membership merge; run with --ignored while it is being fixed"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn backup_then_restore_into_a_new_cluster_gives_the_same_state() {
     let a = TestCluster::start_with(3, &["--snapshot-every=3000"]);
@@ -552,8 +549,9 @@ async fn backup_then_restore_into_a_new_cluster_gives_the_same_state() {
     drop(_logs);
     drop(a);
 
-    // A new cluster: other name, CA, addresses. Node 1 is seeded from the
-    // backup; nodes 2 and 3 start empty and get the state by snapshot.
+    // A new cluster: other name, CA, addresses. Nodes 1 and 2 (a majority,
+    // the lowest id among them) are seeded from the backup; node 3 starts
+    // empty and gets the state by snapshot.
     let b = TestCluster::prepare(3, &[]);
     let _logs = KeepLogsOnFailure(&b, "restore");
     let members = b
@@ -562,19 +560,21 @@ async fn backup_then_restore_into_a_new_cluster_gives_the_same_state() {
         .find_map(|a| a.strip_prefix("--initial-members="))
         .unwrap()
         .to_string();
-    let cfg = b.nodes[&1].config.to_str().unwrap().to_string();
-    let restore = |extra: &[&str]| {
+    let restore = |id: u64, extra: &[&str]| {
+        let cfg = b.nodes[&id].config.to_str().unwrap().to_string();
         let mut args = vec!["snapshot", "restore", backup.to_str().unwrap(), "--config", &cfg];
         args.extend_from_slice(extra);
         keel_cli_raw(&b, &args)
     };
-    // Only the lowest id may be seeded.
-    let bad_node = restore(&["--initial-members", &members, "--node-id", "2"]);
+    // Only a member of the new cluster may be seeded.
+    let bad_node = restore(1, &["--initial-members", &members, "--node-id", "9"]);
     assert!(!bad_node.status.success());
-    let out = restore(&["--initial-members", &members]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for id in [1, 2] {
+        let out = restore(id, &["--initial-members", &members]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
     // Never over an existing data directory.
-    assert!(!restore(&["--initial-members", &members]).status.success());
+    assert!(!restore(1, &["--initial-members", &members]).status.success());
     for id in 1..=3 {
         b.spawn(id);
     }

@@ -1,5 +1,5 @@
-//! Disaster recovery: seeding the first node of a new cluster with the
-//! state of a backup snapshot (`keel snapshot restore`).
+//! Disaster recovery: seeding the members of a new cluster with the state
+//! of a backup snapshot (`keel snapshot restore`, once per member).
 //!
 //! The backup carries the old cluster's name and membership. Neither is
 //! kept: the new node's data directory is recorded for the new cluster's
@@ -45,7 +45,7 @@ pub struct RestoreTarget {
     pub data_dir: PathBuf,
     /// The new cluster's name.
     pub cluster_name: String,
-    /// The new node's id: the lowest id among `members`.
+    /// The new node's id, one of `members`.
     pub node_id: NodeId,
     /// The new cluster's initial members.
     pub members: BTreeMap<NodeId, KeelNode>,
@@ -70,12 +70,11 @@ fn invalid(msg: String) -> io::Error {
 
 /// Restores `backup` into a new data directory (see the module docs).
 pub async fn restore(backup: &Path, target: &RestoreTarget) -> io::Result<RestoreReport> {
-    let lowest = target.members.keys().next().copied();
-    if lowest != Some(target.node_id) {
+    if !target.members.contains_key(&target.node_id) {
         return Err(invalid(format!(
-            "node {} must be the member with the lowest id ({:?}): the other members start with empty data \
-             directories and must wait for it instead of forming a cluster of their own",
-            target.node_id, lowest
+            "node {} is not among the new cluster's members {:?}",
+            target.node_id,
+            target.members.keys().collect::<Vec<_>>()
         )));
     }
     if fs::read_dir(&target.data_dir).is_ok_and(|mut d| d.next().is_some()) {
@@ -208,12 +207,13 @@ mod tests {
         assert_eq!(header.cluster_id, "new-cluster");
         drop((sm, s.log));
 
-        // Refusals: a non-empty directory, a node that is not the lowest id.
+        // Refusals: a non-empty directory, a node that is not a member.
         assert!(restore(&backup_path, &target).await.is_err());
         let mut t2 = target.clone();
         t2.data_dir = td.path().join("other");
-        t2.node_id = 5;
+        t2.node_id = 6;
         assert!(restore(&backup_path, &t2).await.is_err());
+        assert!(!t2.data_dir.exists());
         // A corrupt backup is refused before anything is created.
         let mut bytes = fs::read(&backup_path).unwrap();
         let mid = bytes.len() / 2;
