@@ -36,6 +36,7 @@
 //! | `log-before-purge` | log store, before a purge is written |
 //! | `snap-send-corrupt` (flag) | sender, flips one bit of the next piece it sends |
 //! | `snap-send-cut` (flag) | sender, breaks off the transfer after the next piece |
+//! | `read-skip-read-index` (flag) | `keel` API: a linearizable read skips ReadIndex (a broken variant the fault suite must catch) |
 
 /// Keeps the failpoint configuration alive; hold it for the life of the process.
 #[must_use = "failpoints stay configured only while the guard lives"]

@@ -81,6 +81,11 @@ pub(crate) fn open_generation(dir: &Path) -> io::Result<DB> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
+    // A corrupt record in the middle of the write-ahead log fails the open
+    // instead of silently dropping it and everything after it (RocksDB's
+    // default, point-in-time recovery); only an incomplete last record, one
+    // a crash cut short before its sync returned, is tolerated.
+    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
     let cfs = [CF_DATA, CF_META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     DB::open_cf_descriptors(&opts, dir, cfs).map_err(db_err)
 }

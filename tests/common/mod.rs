@@ -34,6 +34,24 @@ pub struct NodeProc {
     pub child: std::sync::Mutex<Option<Child>>,
     /// Among `initial_members` (false for nodes prepared to join later).
     pub initial: bool,
+    /// Where the node listens for peers when that differs from `raft_addr`
+    /// (the address peers dial, e.g. a fault-injecting proxy).
+    pub raft_listen: Option<String>,
+    /// The network namespace the node runs in (`ip netns exec`), if any.
+    pub netns: Option<String>,
+}
+
+/// Where a node of a [`TestCluster::prepare_placed`] cluster lives.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub api_addr: String,
+    /// The address peers dial.
+    pub raft_addr: String,
+    /// Where the node listens for peers, if not `raft_addr`.
+    pub raft_listen: Option<String>,
+    pub netns: Option<String>,
+    /// Extra names for the node's certificate (the IPs clients and peers dial).
+    pub cert_hosts: Vec<String>,
 }
 
 impl NodeProc {
@@ -67,6 +85,8 @@ pub struct TestCluster {
     pub client: reqwest::Client,
     pub admin: reqwest::Client,
     pub extra_args: Vec<String>,
+    /// Extra environment for every node process (e.g. `FAILPOINTS`).
+    pub env: Vec<(String, String)>,
 }
 
 /// A loopback address for a node to listen on.
@@ -135,6 +155,18 @@ impl TestCluster {
 
     /// Certificates and configs only; nothing started.
     pub fn prepare(n: u64, extra: &[&str]) -> Self {
+        Self::prepare_placed(n, extra, |_| Placement {
+            api_addr: free_addr(),
+            raft_addr: free_addr(),
+            raft_listen: None,
+            netns: None,
+            cert_hosts: Vec::new(),
+        })
+    }
+
+    /// Like [`TestCluster::prepare`], with each node's addresses, namespace
+    /// and certificate names from `place(id)`.
+    pub fn prepare_placed(n: u64, extra: &[&str], place: impl Fn(u64) -> Placement) -> Self {
         let root = tempfile::Builder::new()
             .prefix("keel-test-")
             .tempdir()
@@ -147,16 +179,23 @@ impl TestCluster {
         for id in 1..=n {
             let dir = root.path().join(format!("node-{id}"));
             std::fs::create_dir_all(&dir).unwrap();
+            let at = place(id);
+            if !at.cert_hosts.is_empty() {
+                keel::cert::create_node(&certs, id, &at.cert_hosts, &keel::cert::CertOptions::default(), true)
+                    .expect("node certificate");
+            }
             nodes.insert(
                 id,
                 NodeProc {
                     id,
-                    api_addr: free_addr(),
-                    raft_addr: free_addr(),
+                    api_addr: at.api_addr,
+                    raft_addr: at.raft_addr,
                     config: dir.join("keel.toml"),
                     dir,
                     child: std::sync::Mutex::new(None),
                     initial: true,
+                    raft_listen: at.raft_listen,
+                    netns: at.netns,
                 },
             );
         }
@@ -180,6 +219,7 @@ impl TestCluster {
             client,
             admin,
             extra_args,
+            env: Vec::new(),
         }
     }
 
@@ -199,6 +239,8 @@ impl TestCluster {
             dir,
             child: std::sync::Mutex::new(None),
             initial: false,
+            raft_listen: None,
+            netns: None,
         };
         write_config(&p, &self.certs, &self.cluster_name);
         self.nodes.insert(id, p);
@@ -226,7 +268,17 @@ impl TestCluster {
             .append(true)
             .open(p.log())
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        // `ip netns exec` execs keel in place: the child's pid is keel's.
+        let mut cmd = match &p.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_keel")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_keel")),
+        };
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        let child = cmd
             .arg("serve")
             .arg("--config")
             .arg(&p.config)
@@ -461,11 +513,19 @@ fn write_config(p: &NodeProc, certs: &Path, cluster_name: &str) {
         p.id,
         p.data_dir().display(),
         p.api_addr,
-        p.raft_addr,
+        p.raft_listen.as_ref().unwrap_or(&p.raft_addr),
         certs.join("ca.pem").display(),
         certs.join(format!("node-{}.pem", p.id)).display(),
         certs.join(format!("node-{}-key.pem", p.id)).display(),
     );
+    let cfg = match &p.raft_listen {
+        Some(_) => cfg.replacen(
+            "\n\n[raft]",
+            &format!("\nraft_advertise = \"{}\"\n\n[raft]", p.raft_addr),
+            1,
+        ),
+        None => cfg,
+    };
     std::fs::write(&p.config, cfg).unwrap();
 }
 
@@ -530,6 +590,27 @@ impl TestCluster {
     {
         let start = Instant::now();
         while !cond().await {
+            if start.elapsed() > WAIT {
+                for id in self.running() {
+                    eprintln!("--- node {id} log ---\n{}", self.log_tail(id));
+                }
+                panic!("timed out after {WAIT:?} waiting for: {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls `f` until it returns `Some`, within [`WAIT`]; returns the value.
+    pub async fn wait_until_value<T, F, Fut>(&self, what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
             if start.elapsed() > WAIT {
                 for id in self.running() {
                     eprintln!("--- node {id} log ---\n{}", self.log_tail(id));

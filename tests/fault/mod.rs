@@ -1,0 +1,69 @@
+//! The fault-injection suite's machinery: private networks with kernel-made
+//! partitions ([`net`]), a linearizability checker ([`lin`]) and recorded
+//! clients with the checks run after each scenario ([`run`]).
+
+pub mod lin;
+pub mod net;
+pub mod run;
+
+use std::sync::Arc;
+
+use crate::common::Placement;
+use crate::common::TestCluster;
+
+/// Ports every node uses on its own address.
+const API_PORT: u16 = 7000;
+const RAFT_PORT: u16 = 7001;
+
+/// A cluster whose nodes each run in their own network namespace.
+/// Field order matters: the nodes stop before their network is removed.
+pub struct NetCluster {
+    pub c: Arc<TestCluster>,
+    pub net: net::Net,
+}
+
+/// Prepares (nothing started) `n` nodes in namespaces, with `env` for
+/// every node process.
+pub fn prepare(n: u64, extra: &[&str], env: &[(&str, &str)]) -> NetCluster {
+    if let Err(e) = net::available() {
+        panic!(
+            "the fault suite needs network namespaces (root and iproute2's `ip`): {e}; \
+             run it as root, or skip it with `cargo test -- --skip faults`"
+        );
+    }
+    let net = net::Net::new(n);
+    let mut c = TestCluster::prepare_placed(n, extra, |id| Placement {
+        api_addr: format!("{}:{API_PORT}", net.host(id)),
+        raft_addr: format!("{}:{RAFT_PORT}", net.host(id)),
+        raft_listen: None,
+        netns: Some(net.netns(id)),
+        cert_hosts: vec![net.host(id)],
+    });
+    c.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    NetCluster { c: Arc::new(c), net }
+}
+
+/// Like [`prepare`], with every node started.
+pub fn start(n: u64, extra: &[&str], env: &[(&str, &str)]) -> NetCluster {
+    let nc = prepare(n, extra, env);
+    for id in 1..=n {
+        nc.c.spawn(id);
+    }
+    nc
+}
+
+/// True when the long set was asked for (`KEEL_FAULTS=long`).
+pub fn long() -> bool {
+    std::env::var("KEEL_FAULTS").is_ok_and(|v| v == "long")
+}
+
+/// Appends a scenario's result line to `$KEEL_FAULT_REPORT`, if set (the
+/// test script prints the file after the run).
+pub fn report(line: &str) {
+    if let Some(path) = std::env::var_os("KEEL_FAULT_REPORT") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
