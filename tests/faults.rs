@@ -263,6 +263,29 @@ async fn a_follower_cut_off_while_the_log_is_compacted_catches_up_by_snapshot() 
     assert_clean("snapshot-cut", &o);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_and_lossy_links_between_nodes() {
+    let nc = fault::start_proxied(3, &[]).await;
+    let c = &nc.c;
+    let mut w = Workload::start(c, "lossy", &[1, 2, 3], 6).await;
+    hold(secs(2.0)).await;
+    nc.impair.set(40, 5);
+    w.fault("every peer link: up to 40 ms per chunk, 0.5% of chunks cut the connection");
+    hold(secs(8.0)).await;
+    nc.impair.set(400, 30);
+    w.fault("every peer link: up to 400 ms per chunk, 3% of chunks cut the connection");
+    hold(secs(5.0)).await;
+    nc.impair.set(0, 0);
+    let cuts = nc.impair.cuts.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("[lossy] {cuts} connections cut by the proxies");
+    let o = w.finish(c).await;
+    assert_clean("lossy", &o);
+    assert!(
+        cuts > 0,
+        "the proxies never cut a connection: the scenario tested nothing"
+    );
+}
+
 /// Flips one bit in the middle of the largest write-ahead log file of the
 /// node's Raft log; returns the file.
 fn flip_bit_in_log(c: &common::TestCluster, id: u64) -> std::path::PathBuf {

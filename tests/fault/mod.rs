@@ -4,6 +4,7 @@
 
 pub mod lin;
 pub mod net;
+pub mod proxy;
 pub mod run;
 
 use std::sync::Arc;
@@ -20,6 +21,9 @@ const RAFT_PORT: u16 = 7001;
 pub struct NetCluster {
     pub c: Arc<TestCluster>,
     pub net: net::Net,
+    /// Proxies in front of the peer ports (see [`start_proxied`]).
+    pub proxies: Vec<proxy::Proxy>,
+    pub impair: Arc<proxy::Impair>,
 }
 
 /// Prepares (nothing started) `n` nodes in namespaces, with `env` for
@@ -40,7 +44,43 @@ pub fn prepare(n: u64, extra: &[&str], env: &[(&str, &str)]) -> NetCluster {
         cert_hosts: vec![net.host(id)],
     });
     c.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    NetCluster { c: Arc::new(c), net }
+    NetCluster {
+        c: Arc::new(c),
+        net,
+        proxies: Vec::new(),
+        impair: Arc::default(),
+    }
+}
+
+/// A started cluster whose peer traffic into every node crosses a proxy
+/// ([`proxy`]) on the bridge, impaired through `impair`.
+pub async fn start_proxied(n: u64, extra: &[&str]) -> NetCluster {
+    let net = net::Net::new(n);
+    let gw = net.gateway();
+    let mut c = TestCluster::prepare_placed(n, extra, |id| Placement {
+        api_addr: format!("{}:{API_PORT}", net.host(id)),
+        raft_addr: format!("{gw}:{}", RAFT_PORT + 100 + id as u16),
+        raft_listen: Some(format!("{}:{RAFT_PORT}", net.host(id))),
+        netns: Some(net.netns(id)),
+        cert_hosts: vec![net.host(id), gw.clone()],
+    });
+    c.env = Vec::new();
+    let impair: Arc<proxy::Impair> = Arc::default();
+    let mut proxies = Vec::new();
+    for id in 1..=n {
+        let listen = c.nodes[&id].raft_addr.clone();
+        let target = format!("{}:{RAFT_PORT}", net.host(id));
+        proxies.push(proxy::start(&listen, target, impair.clone()).await);
+    }
+    for id in 1..=n {
+        c.spawn(id);
+    }
+    NetCluster {
+        c: Arc::new(c),
+        net,
+        proxies,
+        impair,
+    }
 }
 
 /// Like [`prepare`], with every node started.
