@@ -19,4 +19,16 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # Cluster tests start several nodes each; two at a time keeps a 2-core
 # machine responsive enough for election timeouts of 1-2 s.
-cargo test --workspace -- --test-threads=2
+# The fault-injection suite (tests/faults.rs) is part of it: its bounded
+# smoke set needs root for network namespaces. `KEEL_FAULTS=long` runs the
+# longer set. Each scenario's result line is printed at the end.
+export KEEL_FAULT_REPORT="${TMPDIR:-/tmp}/keel-fault-report.$$"
+rm -f "$KEEL_FAULT_REPORT"
+status=0
+cargo test --workspace -- --test-threads=2 || status=$?
+if [ -s "$KEEL_FAULT_REPORT" ]; then
+    echo "== fault-injection suite =="
+    cat "$KEEL_FAULT_REPORT"
+fi
+rm -f "$KEEL_FAULT_REPORT"
+exit "$status"
