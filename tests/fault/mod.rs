@@ -21,8 +21,9 @@ const RAFT_PORT: u16 = 7001;
 pub struct NetCluster {
     pub c: Arc<TestCluster>,
     pub net: net::Net,
-    /// Proxies in front of the peer ports (see [`start_proxied`]).
-    pub proxies: Vec<proxy::Proxy>,
+    /// Proxies in front of the peer ports (see [`start_proxied`]); they
+    /// run until dropped.
+    _proxies: Vec<proxy::Proxy>,
     pub impair: Arc<proxy::Impair>,
 }
 
@@ -47,7 +48,7 @@ pub fn prepare(n: u64, extra: &[&str], env: &[(&str, &str)]) -> NetCluster {
     NetCluster {
         c: Arc::new(c),
         net,
-        proxies: Vec::new(),
+        _proxies: Vec::new(),
         impair: Arc::default(),
     }
 }
@@ -78,7 +79,7 @@ pub async fn start_proxied(n: u64, extra: &[&str]) -> NetCluster {
     NetCluster {
         c: Arc::new(c),
         net,
-        proxies,
+        _proxies: proxies,
         impair,
     }
 }

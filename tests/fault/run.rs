@@ -443,7 +443,6 @@ async fn register_client(
         if backoff {
             // The node is down or unreachable: do not spin.
             tokio::time::sleep(Duration::from_millis(200)).await;
-            backoff = false;
         }
         let key = rng.next() % KEYS;
         let path = format!("/v1/kv/reg/{key}");
@@ -531,7 +530,7 @@ async fn register_client(
         }
         // Every few operations, a write of a unique key: the ledger that
         // must survive in full.
-        if rng.next() % 4 == 0 {
+        if rng.next().is_multiple_of(4) {
             ledger += 1;
             let k = format!("ledger/{client}-{ledger}");
             match call(
