@@ -25,7 +25,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 export KEEL_FAULT_REPORT="${TMPDIR:-/tmp}/keel-fault-report.$$"
 rm -f "$KEEL_FAULT_REPORT"
 status=0
-cargo test --workspace -- --test-threads=2 || status=$?
+cargo test --workspace --no-fail-fast -- --test-threads=2 || status=$?
 if [ -s "$KEEL_FAULT_REPORT" ]; then
     echo "== fault-injection suite =="
     cat "$KEEL_FAULT_REPORT"

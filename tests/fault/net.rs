@@ -269,8 +269,15 @@ fn remove_stale() {
 
 /// True when this process may create network namespaces (root with `ip`).
 pub fn available() -> Result<(), String> {
-    let probe = format!("keel-probe-{}", std::process::id());
-    ip(&["netns", "add", &probe])?;
-    let _ = ip(&["netns", "del", &probe]);
-    Ok(())
+    // Probed once per test process (tests run on several threads).
+    static PROBE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let probe = format!("keel-probe-{}", std::process::id());
+            let _ = ip(&["netns", "del", &probe]);
+            ip(&["netns", "add", &probe])?;
+            let _ = ip(&["netns", "del", &probe]);
+            Ok(())
+        })
+        .clone()
 }
