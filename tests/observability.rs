@@ -446,6 +446,10 @@ async fn lag_of_a_stopped_follower_grows_then_returns_to_zero() {
 async fn role_and_term_change_after_a_leader_kill() {
     let c = TestCluster::start_with(3, &["--log-format=json"]);
     let old = c.wait_leader().await;
+    // Formation is complete once every node holds the first leader's entry
+    // (before that, a follower with only the initial membership entry
+    // refuses its peer's vote: see the README on wiped nodes).
+    c.wait_applied(&[1, 2, 3], 1).await;
     let s = scrape(&c, old).await;
     let term = value(&s, "raft_term", &[]).unwrap();
     assert_eq!(value(&s, "raft_role", &[("role", "leader")]), Some(1.0));
