@@ -860,12 +860,18 @@ fn every_command_round_trips_through_the_log_codec() {
 /// expiry sweep, built from the bytes of one level so that no deep value
 /// (whose own encoding would recurse as deeply) is ever constructed.
 fn nested_txn_bytes(depth: usize, enc: &dyn Fn(&Command) -> Vec<u8>) -> Vec<u8> {
-    let txn = |success| Command::Txn(Txn {
-        compares: vec![],
-        success,
-        failure: vec![],
-    });
-    let (leaf, one, empty) = (enc(&Command::Expire), enc(&txn(vec![Command::Expire])), enc(&txn(vec![])));
+    let txn = |success| {
+        Command::Txn(Txn {
+            compares: vec![],
+            success,
+            failure: vec![],
+        })
+    };
+    let (leaf, one, empty) = (
+        enc(&Command::Expire),
+        enc(&txn(vec![Command::Expire])),
+        enc(&txn(vec![])),
+    );
     // An empty transaction is a tag (as long as the leaf's) and three empty
     // lists; the leaf sits right before the last of them, `failure`.
     let empty_list = (empty.len() - leaf.len()) / 3;
