@@ -22,6 +22,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The fault-injection suite (tests/faults.rs) is part of it: its bounded
 # smoke set needs root for network namespaces. `KEEL_FAULTS=long` runs the
 # longer set. Each scenario's result line is printed at the end.
+# Coverage-guided fuzzing of the snapshot and peer-RPC decoders, bounded.
+./scripts/fuzz.sh 20
 export KEEL_FAULT_REPORT="${TMPDIR:-/tmp}/keel-fault-report.$$"
 rm -f "$KEEL_FAULT_REPORT"
 status=0

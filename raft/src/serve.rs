@@ -44,6 +44,21 @@ pub struct ServeOptions {
     pub drain: Duration,
     /// HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may reset before the server has accepted
+    /// them; one more and the connection is closed with `GOAWAY
+    /// ENHANCE_YOUR_CALM`. This is the defence against rapid reset
+    /// (CVE-2023-44487): opening and cancelling streams in a loop would
+    /// otherwise make the server start work that nobody waits for.
+    pub max_pending_accept_reset_streams: usize,
+    /// HTTP/2 streams the server may reset because the client broke the
+    /// protocol on them, before it closes the connection (a flood of bad
+    /// frames costs the server a reset each).
+    pub max_local_error_reset_streams: usize,
+    /// Largest HTTP/2 header list (`SETTINGS_MAX_HEADER_LIST_SIZE`) accepted.
+    pub max_header_list_size: u32,
+    /// Longest wait for the headers of an HTTP/1 request (slow-loris); also
+    /// how long an idle HTTP/1 keep-alive connection is kept.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -53,6 +68,10 @@ impl Default for ServeOptions {
             handshake_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(10),
             max_concurrent_streams: 1024,
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 1024,
+            max_header_list_size: 16 << 10,
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -78,10 +97,19 @@ pub async fn serve<F, S, B>(
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(opts.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Explicit limits, not the libraries' defaults of the day: every one of
+    // them bounds what a single connection can make this process hold.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout);
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .max_concurrent_streams(opts.max_concurrent_streams)
+        .max_pending_accept_reset_streams(opts.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(opts.max_local_error_reset_streams)
+        .max_header_list_size(opts.max_header_list_size)
         .keep_alive_interval(Some(Duration::from_secs(10)))
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);

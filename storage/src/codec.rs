@@ -54,6 +54,7 @@ pub fn corrupt(what: &str, why: &str) -> io::Error {
 }
 
 /// Converts a RocksDB error into an I/O error.
+#[cfg(feature = "rocksdb")]
 pub fn db_err(e: rocksdb::Error) -> io::Error {
     io::Error::other(e.into_string())
 }

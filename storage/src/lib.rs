@@ -10,33 +10,47 @@
 //! - `log/`: RocksDB with the Raft log, vote, purge marker and cluster name;
 //! - `sm/CURRENT` and `sm/gen-<n>/`: the state machine generations;
 //! - `snapshots/`: the newest snapshot file and `incoming/` transfers.
+//!
+//! Everything that touches RocksDB is behind the default `rocksdb` feature;
+//! without it the crate is only its pure parts (apply logic, types, codecs,
+//! the snapshot file format), which the fuzz targets in `fuzz/` build.
 
 pub mod codec;
 pub mod failpoints;
 pub mod fsutil;
 pub mod hooks;
+#[cfg(feature = "rocksdb")]
 pub mod log_store;
 pub mod model;
 pub mod snapshot;
+#[cfg(feature = "rocksdb")]
 pub mod state_machine;
 pub mod types;
 
+#[cfg(feature = "rocksdb")]
 use std::io;
+#[cfg(feature = "rocksdb")]
 use std::path::Path;
+#[cfg(feature = "rocksdb")]
 use std::sync::Arc;
 
 pub use hooks::NoHooks;
 pub use hooks::StorageHooks;
+#[cfg(feature = "rocksdb")]
 pub use log_store::LogStore;
 pub use snapshot::SnapshotFile;
+#[cfg(feature = "rocksdb")]
 pub use state_machine::StateHash;
+#[cfg(feature = "rocksdb")]
 pub use state_machine::StateMachineStore;
+#[cfg(feature = "rocksdb")]
 pub use state_machine::StateReader;
 pub use types::KeelNode;
 pub use types::NodeId;
 pub use types::TypeConfig;
 
 /// Errors opening a data directory.
+#[cfg(feature = "rocksdb")]
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// The data directory was created by another cluster.
@@ -63,6 +77,7 @@ pub enum OpenError {
 }
 
 /// The stores of one node.
+#[cfg(feature = "rocksdb")]
 pub struct Storage {
     /// The Raft log.
     pub log: LogStore,
@@ -74,6 +89,7 @@ pub struct Storage {
 
 /// Opens (creating if needed, with mode 0700) the data directory of a node of
 /// cluster `cluster_name`. Refuses a directory recorded for another cluster.
+#[cfg(feature = "rocksdb")]
 pub async fn open(data_dir: &Path, cluster_name: &str, hooks: Arc<dyn StorageHooks>) -> Result<Storage, OpenError> {
     let io_err = |source| OpenError::Io {
         dir: data_dir.display().to_string(),

@@ -151,9 +151,59 @@ pub struct Txn {
     /// Conditions on current objects.
     pub compares: Vec<(String, Expect)>,
     /// Operations when all compares hold.
+    #[serde(deserialize_with = "nesting::bounded")]
     pub success: Vec<Command>,
     /// Operations when some compare fails.
+    #[serde(deserialize_with = "nesting::bounded")]
     pub failure: Vec<Command>,
+}
+
+/// Bounds how deeply transactions (and their responses) nest when decoded.
+///
+/// `Command` and `Response` are recursive types, and serde's derived decoders
+/// recurse once per level: a few hundred kilobytes of nested `Txn` tags from a
+/// peer (or a corrupt log entry) would otherwise overflow the decoding
+/// thread's stack and abort the whole process. Apply refuses a transaction
+/// inside a transaction anyway, so a legitimate value nests one level deep;
+/// anything deeper than [`nesting::MAX_DEPTH`] is a decoding error. The count
+/// is per thread, which is exact: decoding is synchronous.
+pub mod nesting {
+    use std::cell::Cell;
+
+    use serde::Deserialize;
+    use serde::Deserializer;
+    use serde::de::Error;
+
+    /// Deepest nesting of transactions (or transaction responses) accepted.
+    pub const MAX_DEPTH: usize = 8;
+
+    thread_local! {
+        static DEPTH: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// One level entered; leaving it (also by an error) drops the count again.
+    struct Level;
+
+    impl Drop for Level {
+        fn drop(&mut self) {
+            DEPTH.with(|d| d.set(d.get() - 1));
+        }
+    }
+
+    /// Decodes `T` one nesting level deeper, refusing more than [`MAX_DEPTH`] levels.
+    pub fn bounded<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+        let depth = DEPTH.with(|c| {
+            c.set(c.get() + 1);
+            c.get()
+        });
+        let _level = Level;
+        if depth > MAX_DEPTH {
+            return Err(D::Error::custom(format!(
+                "transactions nested more than {MAX_DEPTH} levels deep"
+            )));
+        }
+        T::deserialize(d)
+    }
 }
 
 /// A precondition on the object a command touches.
@@ -239,6 +289,7 @@ pub enum Response {
         /// Log index of the transaction.
         revision: u64,
         /// One response per operation of the branch that ran.
+        #[serde(deserialize_with = "nesting::bounded")]
         results: Vec<Response>,
     },
 }

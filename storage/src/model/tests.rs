@@ -855,3 +855,77 @@ fn every_command_round_trips_through_the_log_codec() {
         assert_eq!(crate::codec::decode::<Request>(&bytes, "test").unwrap(), r);
     }
 }
+
+/// The encoding of `depth` transactions nested in one another around an
+/// expiry sweep, built from the bytes of one level so that no deep value
+/// (whose own encoding would recurse as deeply) is ever constructed.
+fn nested_txn_bytes(depth: usize, enc: &dyn Fn(&Command) -> Vec<u8>) -> Vec<u8> {
+    let txn = |success| {
+        Command::Txn(Txn {
+            compares: vec![],
+            success,
+            failure: vec![],
+        })
+    };
+    let (leaf, one, empty) = (
+        enc(&Command::Expire),
+        enc(&txn(vec![Command::Expire])),
+        enc(&txn(vec![])),
+    );
+    // An empty transaction is a tag (as long as the leaf's) and three empty
+    // lists; the leaf sits right before the last of them, `failure`.
+    let empty_list = (empty.len() - leaf.len()) / 3;
+    let pos = one.len() - empty_list - leaf.len();
+    assert_eq!(&one[pos..pos + leaf.len()], &leaf[..]);
+    let (prefix, suffix) = (&one[..pos], &one[pos + leaf.len()..]);
+    [prefix.repeat(depth), leaf.clone(), suffix.repeat(depth)].concat()
+}
+
+/// Decoding is recursive: a peer (or a corrupt log entry) sending thousands
+/// of nested transactions must get an error, not overflow the stack and
+/// abort the node. Legitimate nesting (one level; a few more) still decodes.
+#[test]
+fn deeply_nested_transactions_are_a_decoding_error_not_a_stack_overflow() {
+    use bincode::Options;
+    let log = |c: &Command| bincode::serialize(c).unwrap();
+    let wire = |c: &Command| bincode::DefaultOptions::new().serialize(c).unwrap();
+    let from_log = |b: &[u8]| bincode::deserialize::<Command>(b).map_err(|e| e.to_string());
+    let from_wire = |b: &[u8]| {
+        bincode::DefaultOptions::new()
+            .deserialize::<Command>(b)
+            .map_err(|e| e.to_string())
+    };
+    for depth in [1, 2, nesting::MAX_DEPTH] {
+        let c = from_log(&nested_txn_bytes(depth, &log)).unwrap();
+        assert_eq!(log(&c), nested_txn_bytes(depth, &log));
+        assert_eq!(from_wire(&nested_txn_bytes(depth, &wire)).unwrap(), c);
+    }
+    for depth in [nesting::MAX_DEPTH + 1, 1_000_000] {
+        for err in [
+            from_log(&nested_txn_bytes(depth, &log)).unwrap_err(),
+            from_wire(&nested_txn_bytes(depth, &wire)).unwrap_err(),
+        ] {
+            assert!(err.contains("nested more than"), "depth {depth}: {err}");
+        }
+    }
+    // The count recovers after an error: a shallow value decodes again.
+    assert!(from_wire(&nested_txn_bytes(2, &wire)).is_ok());
+    // Responses nest the same way.
+    let mut resp = Response::None;
+    for _ in 0..nesting::MAX_DEPTH {
+        resp = Response::Txn {
+            succeeded: true,
+            revision: 1,
+            results: vec![resp],
+        };
+    }
+    let bytes = bincode::serialize(&resp).unwrap();
+    assert_eq!(bincode::deserialize::<Response>(&bytes).unwrap(), resp);
+    let deeper = Response::Txn {
+        succeeded: true,
+        revision: 1,
+        results: vec![resp],
+    };
+    let err = bincode::deserialize::<Response>(&bincode::serialize(&deeper).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("nested more than"), "{err}");
+}

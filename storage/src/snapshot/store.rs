@@ -1,0 +1,372 @@
+//! The RocksDB side of snapshots: the directory of finished snapshot files,
+//! building a snapshot from a consistent view of the state machine, and
+//! installing a received one as a new state machine generation.
+
+use std::fs;
+use std::io;
+use std::io::BufReader;
+use std::io::BufWriter;
+use std::io::Write;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use std::time::SystemTime;
+
+use openraft::RaftSnapshotBuilder;
+use rocksdb::IteratorMode;
+use rocksdb::WriteBatch;
+use rocksdb::WriteOptions;
+
+use super::SnapshotFile;
+use super::decode_meta;
+use super::format;
+use super::format::SnapshotHeader;
+use super::format::SnapshotReader;
+use super::format::SnapshotWriter;
+use super::quarantine;
+use super::transfer;
+use crate::codec::db_err;
+use crate::codec::decode;
+use crate::codec::encode;
+use crate::failpoints::crash_point;
+use crate::fsutil;
+use crate::state_machine::CF_DATA;
+use crate::state_machine::CF_META;
+use crate::state_machine::KEY_APPLIED;
+use crate::state_machine::KEY_MEMBERSHIP;
+use crate::state_machine::Shared;
+use crate::types::LogId;
+use crate::types::SnapshotMeta;
+use crate::types::StoredMembership;
+use crate::types::TypeConfig;
+
+pub(super) fn snap_err(e: format::SnapshotError) -> io::Error {
+    match e {
+        format::SnapshotError::Io(e) => e,
+        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+    }
+}
+
+/// The directory of finished snapshots (`<index>-<term>.snap`, newest kept)
+/// and of transfers in progress (`incoming/`).
+pub(crate) struct SnapshotStore {
+    dir: PathBuf,
+    cluster_name: String,
+    seq: AtomicU64,
+}
+
+impl SnapshotStore {
+    pub(crate) fn open(dir: &Path, cluster_name: &str) -> io::Result<Self> {
+        fsutil::create_private_dir(dir)?;
+        fsutil::create_private_dir(&dir.join("incoming"))?;
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with("tmp-") {
+                fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            cluster_name: cluster_name.to_string(),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    pub(super) fn temp_path(&self) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("tmp-{}-{n}", std::process::id()))
+    }
+
+    fn final_path(&self, meta: &SnapshotMeta) -> PathBuf {
+        let (index, term) = meta
+            .last_log_id
+            .as_ref()
+            .map(|l| (l.index, l.leader_id.term))
+            .unwrap_or_default();
+        self.dir.join(format!("{index:020}-{term:020}.snap"))
+    }
+
+    /// Paths of finished snapshots, oldest first.
+    fn finished(&self) -> io::Result<Vec<PathBuf>> {
+        let mut v: Vec<PathBuf> = fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Moves a complete, fsynced snapshot file into place and drops older ones.
+    fn publish(&self, from: &Path, meta: &SnapshotMeta) -> io::Result<PathBuf> {
+        let to = self.final_path(meta);
+        fs::File::open(from)?.sync_all()?;
+        fs::rename(from, &to)?;
+        fsutil::fsync_dir(&self.dir)?;
+        for old in self.finished()? {
+            if old < to {
+                fs::remove_file(old)?;
+            }
+        }
+        Ok(to)
+    }
+
+    /// The newest finished snapshot that passes the cheap check (header,
+    /// trailer, size), if any. A stored file failing it is set aside as
+    /// `.corrupt`; the second value tells whether that happened now or
+    /// earlier (a corrupt file is still there), so the caller can rebuild.
+    fn newest_valid(
+        &self,
+    ) -> io::Result<(
+        Option<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>>,
+        bool,
+    )> {
+        let mut lost = self.has_quarantined()?;
+        for path in self.finished()?.into_iter().rev() {
+            let file = SnapshotFile::open(path.clone())?;
+            let checked = transfer::identify(&file.file)
+                .map_err(snap_err)
+                .and_then(|(header, _)| decode_meta(&header));
+            match checked {
+                Ok(meta) => {
+                    return Ok((
+                        Some(openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotFile> {
+                            meta,
+                            snapshot: file,
+                        }),
+                        lost,
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "stored snapshot is corrupt; setting it aside");
+                    quarantine(&file)?;
+                    lost = true;
+                }
+            }
+        }
+        Ok((None, lost))
+    }
+
+    fn has_quarantined(&self) -> io::Result<bool> {
+        Ok(fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().ends_with(".corrupt")))
+    }
+}
+
+/// The snapshot openraft should use: the newest stored one that passes the
+/// cheap check, or, when a stored snapshot was found corrupt and none is
+/// left, a new one built from the state machine (never a corrupt one).
+pub(crate) fn current_or_rebuild(
+    shared: &Shared,
+) -> io::Result<Option<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>>> {
+    let (found, lost) = shared.snapshots.newest_valid()?;
+    if found.is_some() || !lost {
+        return Ok(found);
+    }
+    if crate::state_machine::read_applied(&shared.db())?.0.is_none() {
+        return Ok(None);
+    }
+    tracing::warn!("no intact stored snapshot left: building a new one from the state machine");
+    let start = Instant::now();
+    let res = build(shared);
+    let bytes = res.as_ref().ok().and_then(|s| s.snapshot.len().ok()).unwrap_or(0);
+    shared.hooks.snapshot_built(res.is_ok(), start.elapsed(), bytes);
+    res.map(Some)
+}
+
+/// Builds snapshots from a consistent RocksDB view; writes continue meanwhile.
+pub struct SnapshotBuilder {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>, io::Error> {
+        let shared = self.shared.clone();
+        let start = Instant::now();
+        let res = tokio::task::spawn_blocking(move || build(&shared))
+            .await
+            .map_err(io::Error::other)?;
+        let bytes = res.as_ref().ok().and_then(|s| s.snapshot.len().ok()).unwrap_or(0);
+        self.shared.hooks.snapshot_built(res.is_ok(), start.elapsed(), bytes);
+        if let Ok(s) = &res {
+            tracing::info!(last = ?s.meta.last_log_id, bytes, ms = start.elapsed().as_millis() as u64, "snapshot built");
+        }
+        res
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub(super) fn header_for(cluster_name: &str, meta: &SnapshotMeta) -> io::Result<SnapshotHeader> {
+    let (last_index, last_term) = meta
+        .last_log_id
+        .as_ref()
+        .map(|l| (l.index, l.leader_id.term))
+        .unwrap_or_default();
+    Ok(SnapshotHeader {
+        cluster_id: cluster_name.to_string(),
+        meta: encode(meta)?,
+        last_index,
+        last_term,
+        created_unix_ms: now_ms(),
+    })
+}
+
+fn build(shared: &Shared) -> io::Result<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>> {
+    let db = shared.db();
+    // Everything applied so far becomes durable before the log may be purged.
+    db.flush_wal(true).map_err(db_err)?;
+    let view = db.snapshot();
+    let meta_cf = db.cf_handle(CF_META).expect("meta column family");
+    let last_log_id: Option<LogId> = match view.get_cf(meta_cf, KEY_APPLIED).map_err(db_err)? {
+        Some(b) => Some(decode(&b, "last_applied")?),
+        None => None,
+    };
+    let last_membership: StoredMembership = match view.get_cf(meta_cf, KEY_MEMBERSHIP).map_err(db_err)? {
+        Some(b) => decode(&b, "membership")?,
+        None => StoredMembership::default(),
+    };
+    let meta = SnapshotMeta {
+        last_log_id,
+        last_membership,
+    };
+    let store = &shared.snapshots;
+    let tmp = store.temp_path();
+    let out = BufWriter::new(fs::File::create(&tmp)?);
+    let mut w = SnapshotWriter::new(out, &header_for(&store.cluster_name, &meta)?).map_err(snap_err)?;
+    let data_cf = db.cf_handle(CF_DATA).expect("data column family");
+    for item in view.iterator_cf(data_cf, IteratorMode::Start) {
+        let (k, v) = item.map_err(db_err)?;
+        w.put(&k, &v).map_err(snap_err)?;
+    }
+    let (_, out) = w.finish().map_err(snap_err)?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let path = store.publish(&tmp, &meta)?;
+    Ok(openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotFile> {
+        meta,
+        snapshot: SnapshotFile::open(path)?,
+    })
+}
+
+/// Installs a received snapshot. Returns the new applied index, or `None`
+/// when the snapshot is not newer than the applied state (it is then left
+/// alone: `last_applied` never moves backwards).
+///
+/// The steps and what a crash after each leaves are in `DESIGN.md`; each
+/// step boundary has a failpoint (see [`crate::failpoints`]).
+pub(crate) fn install(shared: &Shared, meta: &SnapshotMeta, snapshot: SnapshotFile) -> io::Result<Option<u64>> {
+    let applied = crate::state_machine::read_applied(&shared.db())?.0;
+    if meta.last_log_id <= applied {
+        tracing::warn!(snapshot = ?meta.last_log_id, ?applied, "refusing a snapshot that is not newer than the applied state");
+        // openraft may now purge the log up to the snapshot: make sure the
+        // applied state that covers it is durable first.
+        shared.db().flush_wal(true).map_err(db_err)?;
+        return Ok(None);
+    }
+    // 1. Verify everything before changing anything.
+    let (header, summary) = format::verify_file(&snapshot.path).map_err(snap_err)?;
+    if header.cluster_id != shared.snapshots.cluster_name {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "snapshot belongs to cluster {:?}, this node to {:?}",
+                header.cluster_id, shared.snapshots.cluster_name
+            ),
+        ));
+    }
+    let file_meta: SnapshotMeta = decode_meta(&header)?;
+    if file_meta.last_log_id != meta.last_log_id {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "snapshot file does not match the metadata it was sent with",
+        ));
+    }
+    crash_point("snap-verified");
+    // 2. Build the next generation beside the live one. Its writes skip the
+    // WAL: the generation becomes live only after every column family is
+    // flushed to (synced) table files, and a crash before the switch throws
+    // the whole directory away.
+    let sm_dir = &shared.sm_dir;
+    let current = crate::state_machine::current_generation_of(sm_dir)?;
+    let next = current + 1;
+    let next_dir = crate::state_machine::generation_dir(sm_dir, next);
+    if next_dir.exists() {
+        fs::remove_dir_all(&next_dir)?;
+    }
+    {
+        let db = crate::state_machine::open_generation(&next_dir)?;
+        let data_cf = db.cf_handle(CF_DATA).expect("data column family");
+        let meta_cf = db.cf_handle(CF_META).expect("meta column family");
+        let mut no_wal = WriteOptions::default();
+        no_wal.disable_wal(true);
+        let mut reader = SnapshotReader::new(BufReader::new(fs::File::open(&snapshot.path)?)).map_err(snap_err)?;
+        let mut batch = WriteBatch::default();
+        while let Some((k, v)) = reader.next_record().map_err(snap_err)? {
+            batch.put_cf(data_cf, k, v);
+            if batch.size_in_bytes() > 4 << 20 {
+                db.write_opt(std::mem::take(&mut batch), &no_wal).map_err(db_err)?;
+            }
+        }
+        if let Some(l) = &meta.last_log_id {
+            batch.put_cf(meta_cf, KEY_APPLIED, encode(l)?);
+        }
+        batch.put_cf(meta_cf, KEY_MEMBERSHIP, encode(&meta.last_membership)?);
+        db.write_opt(batch, &no_wal).map_err(db_err)?;
+        db.flush_cf(data_cf).map_err(db_err)?;
+        db.flush_cf(meta_cf).map_err(db_err)?;
+    }
+    fsutil::fsync_dir(sm_dir)?;
+    // 3. Keep the file as this node's current snapshot, before the switch:
+    // openraft requires a stored snapshot covering the state machine
+    // whenever the state machine is ahead of the log, and after a crash
+    // between here and the switch it installs this file again at start.
+    let published = shared.snapshots.publish(&snapshot.path, meta)?;
+    drop(snapshot);
+    // 4. The switch: one atomic rename of CURRENT, then a directory fsync.
+    let current_path = sm_dir.join("CURRENT");
+    let tmp = sm_dir.join(".CURRENT.tmp");
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(format!("gen-{next}\n").as_bytes())?;
+        f.sync_all()?;
+    }
+    crash_point("snap-before-switch");
+    fs::rename(&tmp, &current_path)?;
+    crash_point("snap-before-dir-fsync");
+    fsutil::fsync_dir(sm_dir)?;
+    crash_point("snap-after-dir-fsync");
+    let db = Arc::new(crate::state_machine::open_generation(&next_dir)?);
+    let old = std::mem::replace(&mut *shared.db.write().expect("state machine lock poisoned"), db);
+    crash_point("snap-after-switch");
+    retire(old, sm_dir.clone(), next);
+    tracing::info!(last = ?meta.last_log_id, records = summary.records, generation = next, file = %published.display(), "snapshot installed");
+    Ok(meta.last_log_id.as_ref().map(|l| l.index))
+}
+
+/// Removes the replaced generation once no reader holds it any more.
+fn retire(old: Arc<rocksdb::DB>, sm_dir: PathBuf, keep: u64) {
+    std::thread::spawn(move || {
+        for _ in 0..600 {
+            if Arc::strong_count(&old) == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        drop(old);
+        if let Err(e) = crate::state_machine::remove_stale_generations(&sm_dir, keep) {
+            tracing::warn!(error = %e, "could not remove the replaced state machine generation");
+        }
+    });
+}
