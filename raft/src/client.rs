@@ -464,7 +464,11 @@ impl PeerNetwork {
             wire::frame(&req).map(hyper::body::Frame::data)
         });
         let body = http_body_util::StreamBody::new(frames).boxed_unsync();
-        let ttl = option.hard_ttl();
+        // openraft's per-RPC budget is about a heartbeat (100 ms here); a
+        // follower's fsync on a busy machine can take longer. Tearing the
+        // stream down for that only restarts replication, so give results
+        // a few seconds; a dead peer is caught by HTTP/2 keep-alive.
+        let ttl = option.hard_ttl().max(Duration::from_secs(3));
         let resp = self
             .pool
             .send(self.target, &self.addr, wire::PATH_STREAM_APPEND, body, ttl)
