@@ -102,6 +102,9 @@ pub struct LoadArgs {
     pub json: bool,
 }
 
+/// How long a client waits after a failed operation before its next one.
+pub const ERROR_PAUSE: Duration = Duration::from_millis(10);
+
 /// Default count when neither `--count` nor `--duration` is given.
 pub const DEFAULT_COUNT: u64 = 10_000;
 
@@ -326,7 +329,12 @@ where
                 };
                 match op(client, seq).await {
                     Ok(()) => rec.record(due.elapsed()),
-                    Err(e) => rec.error(e),
+                    Err(e) => {
+                        rec.error(e);
+                        // A refused connection (a node killed in a failover
+                        // trial) fails at once: do not spin on it.
+                        tokio::time::sleep(ERROR_PAUSE).await;
+                    }
                 }
             }
             total.lock().expect("recorder lock").merge(&rec);
