@@ -49,7 +49,10 @@ fn check_report(r: &Value, workload: &str, ops: u64) {
         assert!(r["latency_ms"][p].as_f64().is_some(), "latency_ms.{p} missing: {r}");
     }
     let l = &r["latency_ms"];
-    assert!(l["p50"].as_f64() <= l["p99"].as_f64() && l["p99"].as_f64() <= l["max"].as_f64(), "{r}");
+    assert!(
+        l["p50"].as_f64() <= l["p99"].as_f64() && l["p99"].as_f64() <= l["max"].as_f64(),
+        "{r}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
