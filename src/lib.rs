@@ -8,6 +8,7 @@
 //! everything on disk in `keel-storage`.
 
 pub mod api;
+pub mod bench;
 pub mod cert;
 pub mod cli;
 pub mod cluster;

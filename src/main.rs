@@ -79,6 +79,8 @@ enum Cmd {
     /// Snapshots: build one now, back up, inspect, restore into a new cluster.
     #[command(subcommand)]
     Snapshot(keel::snapshot_cli::SnapshotCmd),
+    /// Load a running cluster and report throughput and latency percentiles.
+    Bench(Box<keel::bench::BenchArgs>),
     /// Run a local cluster on loopback with generated certificates until Ctrl-C.
     DevCluster {
         /// Number of nodes.
@@ -185,6 +187,7 @@ fn main() -> std::process::ExitCode {
                 max_events,
             } => keel::resource_cli::watch(&client, &prefix, from_revision, max_events).await,
             Cmd::Snapshot(c) => keel::snapshot_cli::run(c).await,
+            Cmd::Bench(a) => keel::bench::run(*a).await,
             Cmd::DevCluster { nodes, dir } => {
                 init_logging(false, "warn");
                 keel::dev_cluster::run(nodes, &dir).await

@@ -72,10 +72,19 @@ impl WatchHub {
                 if now <= last {
                     continue;
                 }
+                // Nobody watching: do not read and decode every write's
+                // history for nothing. A watcher that subscribes later
+                // catches up from storage, and the first batch it sees
+                // above its position makes it read the gap from storage
+                // too (see `events`).
+                if tx.receiver_count() == 0 {
+                    last = now;
+                    continue;
+                }
                 match read_history(&reader, last + 1, now) {
                     Ok(batches) => {
                         for b in batches {
-                            // No receivers is fine: nobody is watching.
+                            // The last watcher may have just left.
                             let _ = tx.send(b);
                         }
                     }

@@ -768,6 +768,27 @@ mod control_plane {
         exec(&mut s, &req(0, kv_put("kv/z", "1")), HISTORY_KEEP + 2);
         assert!(!s.contains_key(&history_key(1)) && s.contains_key(&history_key(HISTORY_KEEP + 2)));
     }
+
+    #[test]
+    fn every_command_forgets_the_history_that_left_the_window_even_across_gaps() {
+        let mut s = HashMap::new();
+        for i in [10, 11, 12, 20] {
+            exec(&mut s, &req(0, kv_put("kv/a", "1")), i);
+        }
+        // Indexes 10 + KEEP .. 12 + KEEP were blank entries (no command ran);
+        // a failed command three indexes later still sweeps them.
+        let fail = Command::Delete {
+            key: "kv/missing".into(),
+            expect: None,
+        };
+        exec(&mut s, &req(0, fail), 13 + HISTORY_KEEP);
+        for i in [10, 11, 12] {
+            assert!(!s.contains_key(&history_key(i)), "history of {i} kept");
+        }
+        assert!(s.contains_key(&history_key(20)));
+        assert!(forget_history(5).is_empty(), "nothing to forget early on");
+        assert_eq!(forget_history(HISTORY_KEEP + 9).len() as u64, HISTORY_SWEEP);
+    }
 }
 
 /// Every command must survive the log's binary encoding (bincode cannot
