@@ -189,7 +189,6 @@ async fn lag_behind(c: &TestCluster, leader: u64, follower: u64, prefix: &str, n
     .await;
 }
 
-#[ignore = "200,000 writes: about a minute on a quiet 2-core machine, many minutes under load; run with --ignored"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn follower_catches_up_by_snapshot_after_many_writes() {
     let n = catchup_records();
