@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use common::TestCluster;
 use common::WAIT;
+use common::strip_ansi;
 use futures::StreamExt;
 use serde_json::Value;
 use serde_json::json;
@@ -81,23 +82,6 @@ fn log_lines(c: &TestCluster, id: u64, needle: &str) -> Vec<String> {
         .filter(|l| l.contains(needle))
         .map(str::to_string)
         .collect()
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(ch) = chars.next() {
-        if ch == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(ch);
-        }
-    }
-    out
 }
 
 /// The value of `name=` in a log line (up to the next space).

@@ -30,6 +30,7 @@ use super::lin::Op;
 use super::lin::RegIn;
 use super::lin::RegOut;
 use crate::common::TestCluster;
+use crate::common::strip_ansi;
 
 /// After the last fault heals, a leader must be in place and every node must
 /// take a write within this bound (30 election timeouts of the test
@@ -179,6 +180,10 @@ impl Workload {
         w
     }
 
+    fn register_ops(&self) -> usize {
+        self.record.lock().unwrap().registers.values().map(Vec::len).sum()
+    }
+
     /// Counts a fault injected (for the report).
     pub fn fault(&mut self, what: &str) {
         self.faults += 1;
@@ -220,27 +225,9 @@ impl Workload {
         let recovered = healed.elapsed();
         // Let the clients run a little on the healed cluster, so each key's
         // history ends with reads that must see the latest writes.
-        let until = self
-            .record
-            .lock()
-            .unwrap()
-            .registers
-            .values()
-            .map(Vec::len)
-            .sum::<usize>()
-            + 40;
+        let until = self.register_ops() + 40;
         let t = Instant::now();
-        while self
-            .record
-            .lock()
-            .unwrap()
-            .registers
-            .values()
-            .map(Vec::len)
-            .sum::<usize>()
-            < until
-            && t.elapsed() < Duration::from_secs(20)
-        {
+        while self.register_ops() < until && t.elapsed() < Duration::from_secs(20) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.stop.store(true, Ordering::SeqCst);
@@ -387,23 +374,6 @@ pub fn leaders_by_term(c: &TestCluster) -> BTreeMap<u64, std::collections::BTree
             {
                 out.entry(term).or_default().insert(id);
             }
-        }
-    }
-    out
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(ch) = chars.next() {
-        if ch == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(ch);
         }
     }
     out

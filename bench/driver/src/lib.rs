@@ -280,6 +280,38 @@ impl Recorder {
     }
 }
 
+/// The end of a watch fan-out run, the same for keel and etcd: waits up to
+/// 5 s for `wrec.ops × clients` events to be `delivered`, stops the
+/// watchers, and merges their figures; every event that never arrived and
+/// every failed write counts as an error.
+pub async fn finish_watch(
+    wrec: &Recorder,
+    clients: usize,
+    delivered: &AtomicU64,
+    stop: tokio::sync::watch::Sender<bool>,
+    watchers: Vec<tokio::task::JoinHandle<Recorder>>,
+) -> Recorder {
+    let expected = wrec.ops * clients as u64;
+    let grace = Instant::now() + Duration::from_secs(5);
+    while delivered.load(Ordering::Relaxed) < expected && Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(true);
+    let mut rec = Recorder::new();
+    for w in watchers {
+        if let Ok(r) = w.await {
+            rec.merge(&r);
+        }
+    }
+    for _ in rec.ops..expected {
+        rec.error("an event never arrived");
+    }
+    if wrec.errors > 0 {
+        rec.error(format!("{} writes failed", wrec.errors));
+    }
+    rec
+}
+
 /// Runs `args.clients` clients until the count or duration is reached.
 /// `op(client, seq)` performs operation number `seq` for client `client`
 /// and says whether it succeeded. Returns the merged figures and the

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use std::time::Instant;
 
 use anyhow::anyhow;
 use anyhow::bail;
@@ -20,6 +19,7 @@ use etcd_client::GetOptions;
 use etcd_client::WatchOptions;
 use keel_bench_driver::LoadArgs;
 use keel_bench_driver::Recorder;
+use keel_bench_driver::finish_watch;
 use keel_bench_driver::Report;
 use keel_bench_driver::Workload;
 
@@ -171,23 +171,6 @@ async fn watch(target: &Arc<Target>) -> anyhow::Result<(Recorder, Duration)> {
         }
     })
     .await;
-    let expected = wrec.ops * load.clients as u64;
-    let grace = Instant::now() + Duration::from_secs(5);
-    while delivered.load(Ordering::Relaxed) < expected && Instant::now() < grace {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let _ = stop_tx.send(true);
-    let mut rec = Recorder::new();
-    for w in watchers {
-        if let Ok(r) = w.await {
-            rec.merge(&r);
-        }
-    }
-    for _ in rec.ops..expected {
-        rec.error("an event never arrived");
-    }
-    if wrec.errors > 0 {
-        rec.error(format!("{} writes failed", wrec.errors));
-    }
+    let rec = finish_watch(&wrec, load.clients, &delivered, stop_tx, watchers).await;
     Ok((rec, elapsed))
 }
