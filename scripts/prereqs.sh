@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine with only Rust lacks to build and test keel:
-# libclang (RocksDB's Rust bindings are generated with bindgen) and a C++
-# compiler (RocksDB itself is compiled from source).
+# libclang (RocksDB's Rust bindings are generated with bindgen), a C++
+# compiler (RocksDB itself is compiled from source) and iproute2.
 set -euo pipefail
 
 need=()
@@ -10,6 +10,8 @@ if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so
 fi
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
+# The fault-injection suite puts each node in a network namespace (`ip netns`).
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 
 if [ "${#need[@]}" -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
