@@ -57,6 +57,23 @@ async fn wait_new_leader(c: &common::TestCluster, old: u64) -> (u64, Duration) {
     (l, t.elapsed())
 }
 
+/// Promotes learner `id` through the current leader, retrying while it
+/// lags or leadership moves, within [`common::WAIT`].
+async fn promote_when_caught_up(c: &common::TestCluster, id: u64) {
+    let start = Instant::now();
+    loop {
+        let l = c.wait_leader().await;
+        let r = c
+            .admin_call(l, Method::POST, &format!("/admin/members/{id}/promote"), None)
+            .await;
+        if r.as_ref().is_ok_and(|r| r.status == 200) {
+            return;
+        }
+        assert!(start.elapsed() < common::WAIT, "promoting {id}: {r:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 fn follower_of(c: &common::TestCluster, leader: u64) -> u64 {
     *c.nodes.keys().find(|&&id| id != leader).unwrap()
 }
@@ -202,20 +219,7 @@ async fn five_nodes_split_and_membership_changed_during_a_partition() {
         assert!(start.elapsed() < common::WAIT, "adding {moved} back: {r:?}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let start = Instant::now();
-    loop {
-        let l = c.wait_leader().await;
-        let r = c
-            .admin_call(l, Method::POST, &format!("/admin/members/{moved}/promote"), None)
-            .await;
-        if let Ok(r) = &r
-            && r.status == 200
-        {
-            break;
-        }
-        assert!(start.elapsed() < common::WAIT, "promoting {moved}: {r:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    promote_when_caught_up(c, moved).await;
     w.fault(&format!("node {moved} added back and promoted"));
     net.heal();
     let o = w.finish(c).await;
@@ -364,17 +368,7 @@ async fn a_flipped_bit_in_a_stored_log_is_never_silently_truncated() {
             .unwrap();
         assert_eq!(r.status, 201, "{:?}", r.body);
         c.spawn(f);
-        let start = Instant::now();
-        loop {
-            let r = c
-                .admin_call(l, Method::POST, &format!("/admin/members/{f}/promote"), None)
-                .await;
-            if r.as_ref().is_ok_and(|r| r.status == 200) {
-                break;
-            }
-            assert!(start.elapsed() < common::WAIT, "promoting {f}: {r:?}");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+        promote_when_caught_up(c, f).await;
         w.fault(&format!("node {f} removed, wiped, added back"));
     }
     let o = w.finish(c).await;

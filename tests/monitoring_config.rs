@@ -5,36 +5,18 @@
 //! and every keel metric named in the dashboard or the alerts is one that
 //! `src/metrics.rs` registers.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::path::PathBuf;
 use std::process::Command;
 
+use common::promtool_path;
 use serde_json::Value;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `promtool`: on PATH, or where scripts/prereqs-obs.sh puts it.
-fn promtool_path() -> std::path::PathBuf {
-    let on_path = Command::new("promtool")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if on_path {
-        return "promtool".into();
-    }
-    let dir = std::env::var_os("KEEL_TOOLS_DIR")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/keel-tools")))
-        .unwrap_or_default();
-    let p = dir.join("bin/promtool");
-    assert!(
-        p.exists(),
-        "promtool is not installed: run scripts/prereqs-obs.sh (it takes promtool from Debian's `prometheus` package)"
-    );
-    p
 }
 
 fn promtool(args: &[&str], dir: &Path) {

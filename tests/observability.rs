@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use common::TestCluster;
 use common::WAIT;
+use common::promtool_path;
 use serde_json::Value;
 use serde_json::json;
 
@@ -102,27 +103,6 @@ async fn wait_metrics<T>(c: &TestCluster, id: u64, what: &str, f: impl Fn(&[Samp
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// `promtool`: on PATH, or where scripts/prereqs-obs.sh puts it.
-fn promtool_path() -> std::path::PathBuf {
-    let on_path = Command::new("promtool")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if on_path {
-        return "promtool".into();
-    }
-    let dir = std::env::var_os("KEEL_TOOLS_DIR")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/keel-tools")))
-        .unwrap_or_default();
-    let p = dir.join("bin/promtool");
-    assert!(
-        p.exists(),
-        "promtool is not installed: run scripts/prereqs-obs.sh (it takes promtool from Debian's `prometheus` package)"
-    );
-    p
 }
 
 fn promtool_check_metrics(text: &str) {

@@ -628,6 +628,27 @@ impl TestCluster {
     }
 }
 
+/// `promtool`: on PATH, or where scripts/prereqs-obs.sh puts it.
+pub fn promtool_path() -> std::path::PathBuf {
+    let on_path = Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if on_path {
+        return "promtool".into();
+    }
+    let dir = std::env::var_os("KEEL_TOOLS_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/keel-tools")))
+        .unwrap_or_default();
+    let p = dir.join("bin/promtool");
+    assert!(
+        p.exists(),
+        "promtool is not installed: run scripts/prereqs-obs.sh (it takes promtool from Debian's `prometheus` package)"
+    );
+    p
+}
+
 /// A log line without its terminal colour codes.
 pub fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
