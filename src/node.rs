@@ -114,6 +114,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         insecure: config.insecure,
         watch,
     });
+    let contact = Arc::new(keel_raft::failover::LeaderContact::default());
     let peer = Arc::new(PeerService {
         raft: raft.clone(),
         node_id: config.node_id,
@@ -122,6 +123,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         incoming_dir: keel_storage::snapshot::incoming_dir(&config.data_dir),
         hooks: Arc::new(crate::metrics::NetMetrics),
         inbox: Default::default(),
+        contact: contact.clone(),
         api_forward: Some(Arc::new(membership::Forwarder::new(router.clone()))),
     });
     let peer_tls = material.as_ref().map(|m| m.peer_server_config()).transpose()?;
@@ -137,6 +139,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
 
     tokio::spawn(crate::expiry::run(cluster.clone(), stop_rx.clone()));
+    tokio::spawn(keel_raft::failover::watch_leader(
+        raft.clone(),
+        config.node_id,
+        contact,
+        Duration::from_millis(config.heartbeat_ms),
+        stop_rx.clone(),
+    ));
     let api_tls = material.as_ref().map(|m| m.api_server_config()).transpose()?;
     let api_task = tokio::spawn(keel_raft::serve::serve(
         api_listener,

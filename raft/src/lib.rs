@@ -14,6 +14,8 @@
 
 #[cfg(feature = "transport")]
 pub mod client;
+#[cfg(feature = "transport")]
+pub mod failover;
 pub mod hooks;
 #[cfg(feature = "transport")]
 pub mod serve;

@@ -59,6 +59,8 @@ pub struct PeerService {
     pub api_forward: Option<Arc<dyn ApiForwardHandler>>,
     /// The snapshot transfer in progress, if any.
     pub inbox: SnapshotInbox,
+    /// When the leader last sent an append (read by [`crate::failover`]).
+    pub contact: Arc<crate::failover::LeaderContact>,
 }
 
 /// The receiving end of snapshot transfers, one at a time: the partial file
@@ -167,10 +169,13 @@ impl PeerService {
         let fatal = |e: &dyn std::fmt::Display| reply(StatusCode::SERVICE_UNAVAILABLE, format!("raft stopped: {e}"));
         match req.uri().path() {
             wire::PATH_APPEND => match read_msg(req).await {
-                Ok(m) => match self.raft.append_entries(m).await {
-                    Ok(r) => ok_msg(&r),
-                    Err(e) => fatal(&e),
-                },
+                Ok(m) => {
+                    self.contact.touch();
+                    match self.raft.append_entries(m).await {
+                        Ok(r) => ok_msg(&r),
+                        Err(e) => fatal(&e),
+                    }
+                }
                 Err(r) => r,
             },
             wire::PATH_STREAM_APPEND => {
@@ -241,12 +246,16 @@ impl PeerService {
     /// soon as the entries are flushed.
     fn stream_append(&self, req: Request<Incoming>) -> Resp {
         use futures::StreamExt;
+        let contact = self.contact.clone();
         let input = futures::stream::unfold(
-            (req.into_body(), wire::FrameReader::default()),
-            |(mut body, mut reader)| async move {
+            (req.into_body(), wire::FrameReader::default(), contact),
+            |(mut body, mut reader, contact)| async move {
                 loop {
                     match reader.next_message::<openraft::raft::AppendEntriesRequest<TypeConfig>>() {
-                        Ok(Some(r)) => return Some((r, (body, reader))),
+                        Ok(Some(r)) => {
+                            contact.touch();
+                            return Some((r, (body, reader, contact)));
+                        }
                         Ok(None) => {}
                         Err(e) => {
                             tracing::warn!(error = %e, "malformed append stream");
