@@ -131,7 +131,7 @@ fn following(raft: &Raft, me: NodeId) -> Option<Following> {
     Some(Following {
         leader,
         leader_addr,
-        vote: m.vote.clone(),
+        vote: m.vote,
         rank,
     })
 }
