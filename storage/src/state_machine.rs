@@ -417,12 +417,18 @@ impl StateReader {
     }
 
     /// Number of objects per key prefix up to the first `/` (e.g. `kv`).
+    /// Internal records (`~hist/`, `~idem/`, ...) are not counted: they sort
+    /// after every client namespace, and the history range is dense with
+    /// deletion tombstones that would make every count walk them all.
     pub fn counts(&self) -> io::Result<BTreeMap<String, u64>> {
         let db = self.shared.db();
         let cf = db.cf_handle(CF_DATA).expect("data column family");
         let mut out = BTreeMap::new();
         for item in db.iterator_cf(cf, IteratorMode::Start) {
             let (k, _) = item.map_err(db_err)?;
+            if k.first() == Some(&b'~') {
+                break;
+            }
             let ns = k.split(|b| *b == b'/').next().unwrap_or_default();
             *out.entry(String::from_utf8_lossy(ns).to_string()).or_insert(0) += 1;
         }
