@@ -42,6 +42,7 @@ struct Inner {
     raft: Raft,
     reader: StateReader,
     pool: PeerPool,
+    forwarder: crate::forwarder::Forwarder,
     timeout: Duration,
     /// True once shutdown began: `/readyz` fails first.
     stopping: watch::Sender<bool>,
@@ -116,6 +117,7 @@ impl Cluster {
                 node_id,
                 raft,
                 reader,
+                forwarder: crate::forwarder::Forwarder::start(pool.clone()),
                 pool,
                 timeout,
                 stopping,
@@ -233,13 +235,7 @@ impl Cluster {
                 // the membership naming its address, or whose leader was just
                 // removed from the membership (it steps down soon), waits.
                 if let Some(addr) = self.raft_addr_of(leader) {
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    match self
-                        .inner
-                        .pool
-                        .call(leader, &addr, wire::PATH_FORWARD_WRITE, &req, remaining)
-                        .await
-                    {
+                    match self.inner.forwarder.forward(leader, &addr, req.clone(), deadline).await {
                         Ok(wire::ForwardReply::Applied { index, response }) => return Ok((index, response)),
                         Ok(wire::ForwardReply::NotLeader { .. }) => {}
                         Ok(wire::ForwardReply::Failed(m)) => return Err(outcome_unknown(m)),

@@ -17,6 +17,7 @@ pub mod control_api;
 pub mod dev_cluster;
 pub mod error;
 pub mod expiry;
+pub mod forwarder;
 pub mod ha;
 pub mod member_cli;
 pub mod membership;

@@ -55,7 +55,8 @@ pub struct PeerLabel {
 /// Labels of a peer RPC.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
-    /// append, vote, pre-vote, transfer-leader, snapshot, forward-write, read-index.
+    /// append, vote, pre-vote, transfer-leader, snapshot, forward-writes (batched
+    /// writes from a follower), forward-write, read-index.
     pub rpc: &'static str,
     /// The peer's node id.
     pub peer: String,

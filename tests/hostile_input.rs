@@ -560,6 +560,7 @@ async fn peer_port_answers_garbage_from_a_node_certificate_with_errors_and_keeps
         wire::PATH_PRE_VOTE,
         wire::PATH_TRANSFER_LEADER,
         wire::PATH_FORWARD_WRITE,
+        wire::PATH_FORWARD_WRITES,
         wire::PATH_API_FORWARD,
         wire::PATH_SNAPSHOT_OFFER,
     ];

@@ -290,12 +290,13 @@ async fn live_cluster_metrics_pass_promtool_and_describe_the_cluster() {
         ),
         Some(1.0)
     );
-    // The follower forwarded its writes: forward-write RPCs to the leader were timed.
+    // The follower forwarded its writes (one at a time, so one batch each):
+    // forward-writes RPCs to the leader were timed.
     assert!(
         value(
             &f,
             "raft_rpc_duration_seconds_count",
-            &[("rpc", "forward-write"), ("peer", &leader.to_string())]
+            &[("rpc", "forward-writes"), ("peer", &leader.to_string())]
         )
         .unwrap()
             >= 21.0

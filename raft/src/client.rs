@@ -64,7 +64,7 @@ use crate::wire;
 pub type ReqBody = UnsyncBoxBody<Bytes, io::Error>;
 
 /// Why a peer call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PeerError {
     /// No connection could be made (or we are backing off after failures).
     #[error("peer {target} at {addr} unreachable: {why}")]

@@ -213,6 +213,14 @@ impl PeerService {
                 Ok(m) => ok_msg(&self.forward_write(m).await),
                 Err(r) => r,
             },
+            wire::PATH_FORWARD_WRITES => match read_msg::<wire::ForwardWrites>(req).await {
+                Ok(m) if m.len() > wire::MAX_FORWARD_BATCH => reply(
+                    StatusCode::BAD_REQUEST,
+                    format!("{} writes in one batch; at most {}", m.len(), wire::MAX_FORWARD_BATCH),
+                ),
+                Ok(m) => ok_msg(&self.forward_writes(m).await),
+                Err(r) => r,
+            },
             wire::PATH_READ_INDEX => ok_msg(&self.read_index().await),
             wire::PATH_API_FORWARD => match (&self.api_forward, read_msg::<wire::ApiForward>(req).await) {
                 (_, Err(r)) => r,
@@ -325,6 +333,32 @@ impl PeerService {
             }
             Err(e) => wire::ForwardReply::Failed(e.to_string()),
         }
+    }
+
+    /// Proposes a batch in one message to the Raft core; one reply per
+    /// write, in order.
+    async fn forward_writes(&self, reqs: wire::ForwardWrites) -> Vec<wire::ForwardReply> {
+        use futures::StreamExt;
+        let n = reqs.len();
+        let mut stream = match self.raft.client_write_many(reqs).await {
+            Ok(s) => s,
+            Err(fatal) => return vec![wire::ForwardReply::Failed(fatal.to_string()); n],
+        };
+        let mut out = Vec::with_capacity(n);
+        while let Some(item) = stream.next().await {
+            out.push(match item {
+                Ok(Ok(r)) => wire::ForwardReply::Applied {
+                    index: r.log_id.index,
+                    response: r.response,
+                },
+                Ok(Err(ClientWriteError::ForwardToLeader(f))) => wire::ForwardReply::NotLeader { leader: f.leader_id },
+                Ok(Err(e)) => wire::ForwardReply::Failed(e.to_string()),
+                Err(fatal) => wire::ForwardReply::Failed(fatal.to_string()),
+            });
+        }
+        // A stream cut short (the core stopped) leaves the rest unknown.
+        out.resize_with(n, || wire::ForwardReply::Failed("raft stopped before answering".into()));
+        out
     }
 
     async fn read_index(&self) -> wire::ReadIndexReply {

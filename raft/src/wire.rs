@@ -32,6 +32,12 @@ pub const PATH_SNAPSHOT: &str = "/raft/snapshot";
 pub const PATH_SNAPSHOT_OFFER: &str = "/raft/snapshot-offer";
 /// A client write forwarded by a follower to the leader.
 pub const PATH_FORWARD_WRITE: &str = "/keel/forward-write";
+/// Several writes a follower relays to the leader in one call: a
+/// [`ForwardWrites`] body, answered by one [`ForwardReply`] per write, in
+/// order.
+pub const PATH_FORWARD_WRITES: &str = "/keel/forward-writes";
+/// Most writes one [`PATH_FORWARD_WRITES`] call may carry.
+pub const MAX_FORWARD_BATCH: usize = 1024;
 /// A follower asking the leader for a read index (linearizable reads).
 pub const PATH_READ_INDEX: &str = "/keel/read-index";
 /// An admin API call relayed by a follower to the leader (membership
@@ -157,6 +163,8 @@ pub enum ReadIndexReply {
 
 /// A forwarded write.
 pub type ForwardWrite = Request;
+/// Forwarded writes, proposed in this order.
+pub type ForwardWrites = Vec<Request>;
 
 /// An API request relayed to the leader. The body is opaque here; the
 /// receiving node runs it through its own API router as `caller`.
