@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Throughput and CPU per operation of a 3-node keel cluster under put load.
+#
+#   bench/cpu-per-op.sh KEEL_BINARY [CLIENTS [CONNECTIONS [SECONDS]]]
+#
+# Starts a fresh 3-node cluster (plaintext, loopback, ports 24001-24103,
+# data in a new temporary directory), warms it with 3 s of puts, then runs
+# `keel bench --workload put` for SECONDS (default 10) and prints the
+# throughput, p50 latency and the CPU time (user + system) all three nodes
+# used per put over the run. With PERF=1 it also records the leader with
+# `perf record --call-graph dwarf` for 3 s into the data directory's
+# perf.data (kept; its path is printed). Every process it starts is stopped
+# by pid before it exits.
+set -euo pipefail
+
+keel=${1:?usage: bench/cpu-per-op.sh KEEL_BINARY [CLIENTS [CONNECTIONS [SECONDS]]]}
+clients=${2:-64}
+conns=${3:-$clients}
+secs=${4:-10}
+dir=$(mktemp -d -t keel-cpu-per-op.XXXXXX)
+members="1=127.0.0.1:24101/127.0.0.1:24001,2=127.0.0.1:24102/127.0.0.1:24002,3=127.0.0.1:24103/127.0.0.1:24003"
+endpoints="http://127.0.0.1:24001,http://127.0.0.1:24002,http://127.0.0.1:24003"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [[ -z "${PERF:-}" ]]; then rm -rf "$dir"; fi
+}
+trap cleanup EXIT
+
+for i in 1 2 3; do
+    "$keel" serve --insecure --node-id "$i" --cluster-name bench --data-dir "$dir/n$i" \
+        --api-listen "127.0.0.1:2400$i" --raft-listen "127.0.0.1:2410$i" \
+        --initial-members "$members" --log-level warn >"$dir/n$i.log" 2>&1 &
+    pids+=("$!")
+done
+
+leader=""
+for _ in $(seq 1 300); do
+    leader=$(curl -sf --max-time 1 127.0.0.1:24001/status |
+        python3 -c 'import json,sys; print(json.load(sys.stdin).get("leader_id") or "")' 2>/dev/null || true)
+    [[ -n "$leader" ]] && break
+    sleep 0.2
+done
+[[ -n "$leader" ]] || { echo "no leader after 60 s" >&2; exit 1; }
+leader_pid=${pids[$((leader - 1))]}
+
+cpu_ticks() {
+    local t=0
+    for p in "${pids[@]}"; do
+        t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    done
+    echo "$t"
+}
+
+"$keel" bench --endpoints "$endpoints" --workload put --clients "$clients" --connections "$conns" \
+    --duration 3 >/dev/null
+t0=$(cpu_ticks)
+perf_pid=""
+if [[ -n "${PERF:-}" ]]; then
+    perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$leader_pid" -o "$dir/perf.data" \
+        -- sleep 3 >/dev/null 2>&1 &
+    perf_pid=$!
+fi
+"$keel" bench --endpoints "$endpoints" --workload put --clients "$clients" --connections "$conns" \
+    --duration "$secs" --json >"$dir/bench.json"
+t1=$(cpu_ticks)
+[[ -n "$perf_pid" ]] && wait "$perf_pid"
+hz=$(getconf CLK_TCK)
+python3 - "$dir/bench.json" "$t0" "$t1" "$hz" "$clients" "$conns" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+t0, t1, hz = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+us = (t1 - t0) / hz * 1e6 / r["ops"]
+print(f"put {sys.argv[5]} clients / {sys.argv[6]} connections: {r['throughput']:.0f} ops/s, "
+      f"p50 {r['latency_ms']['p50']:.2f} ms, {r['errors']} errors, cluster CPU {us:.0f} us per put")
+EOF
+[[ -n "${PERF:-}" ]] && echo "leader profile: $dir/perf.data"
+exit 0
