@@ -248,6 +248,72 @@ mod tests {
         assert!(q.is_empty());
     }
 
+    /// A leader from before the batch route answers 404 to it, having done
+    /// nothing: the writes then go one by one, and every caller gets its
+    /// own answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_without_the_batch_route_gets_the_writes_one_by_one() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicU64;
+        use std::sync::atomic::Ordering;
+
+        use bytes::Bytes;
+        use http_body_util::Full;
+        use keel_storage::model::Response;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+        let singles = Arc::new(AtomicU64::new(0));
+        let seen = singles.clone();
+        tokio::spawn(keel_raft::serve::serve(
+            listener,
+            None,
+            move |_| {
+                let seen = seen.clone();
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let (status, body) = if req.uri().path() == wire::PATH_FORWARD_WRITE {
+                            let index = 10 + seen.fetch_add(1, Ordering::SeqCst);
+                            let reply = wire::ForwardReply::Applied {
+                                index,
+                                response: Response::None,
+                            };
+                            (StatusCode::OK, wire::encode(&reply).unwrap())
+                        } else {
+                            (StatusCode::NOT_FOUND, b"no peer route".to_vec())
+                        };
+                        let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+                        *r.status_mut() = status;
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                })
+            },
+            stop_rx,
+            keel_raft::serve::ServeOptions::default(),
+        ));
+
+        let pool = PeerPool::new(2, "test", None, Arc::new(keel_raft::hooks::NoNetHooks));
+        let f = Forwarder::start(pool);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut calls = JoinSet::new();
+        for _ in 0..5 {
+            let (f, addr) = (f.clone(), addr.clone());
+            calls.spawn(async move { f.forward(1, &addr, pending(1).0.req, deadline).await });
+        }
+        let mut indexes = Vec::new();
+        while let Some(r) = calls.join_next().await {
+            match r.unwrap() {
+                Ok(wire::ForwardReply::Applied { index, .. }) => indexes.push(index),
+                other => panic!("expected an applied write, got {other:?}"),
+            }
+        }
+        indexes.sort_unstable();
+        assert_eq!(indexes, vec![10, 11, 12, 13, 14], "each write got its own answer");
+        assert_eq!(singles.load(Ordering::SeqCst), 5);
+    }
+
     #[test]
     fn a_batch_holds_at_most_the_wire_limit() {
         let mut q = VecDeque::new();
