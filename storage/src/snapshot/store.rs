@@ -355,8 +355,25 @@ pub(crate) fn install(shared: &Shared, meta: &SnapshotMeta, snapshot: SnapshotFi
     Ok(meta.last_log_id.as_ref().map(|l| l.index))
 }
 
-/// Removes the replaced generation once no reader holds it any more.
+/// Removes the replaced generation once no reader holds it any more. With
+/// no reader left (always so for `keel snapshot restore`), it is closed here
+/// and now: a database still closing in a detached thread when the process
+/// exits aborts in RocksDB's static destructors ("pthread lock: Invalid
+/// argument").
 fn retire(old: Arc<rocksdb::DB>, sm_dir: PathBuf, keep: u64) {
+    let remove = move |sm_dir: &PathBuf| {
+        if let Err(e) = crate::state_machine::remove_stale_generations(sm_dir, keep) {
+            tracing::warn!(error = %e, "could not remove the replaced state machine generation");
+        }
+    };
+    let old = match Arc::try_unwrap(old) {
+        Ok(db) => {
+            drop(db);
+            remove(&sm_dir);
+            return;
+        }
+        Err(shared) => shared,
+    };
     std::thread::spawn(move || {
         for _ in 0..600 {
             if Arc::strong_count(&old) == 1 {
@@ -365,8 +382,6 @@ fn retire(old: Arc<rocksdb::DB>, sm_dir: PathBuf, keep: u64) {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         drop(old);
-        if let Err(e) = crate::state_machine::remove_stale_generations(&sm_dir, keep) {
-            tracing::warn!(error = %e, "could not remove the replaced state machine generation");
-        }
+        remove(&sm_dir);
     });
 }
