@@ -148,16 +148,20 @@ pub async fn watch_leader(
     let silent_limit = heartbeat * SILENT_HEARTBEATS;
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A leader that is alive but slow to send heartbeats (a busy machine)
+    // is probed once per silent period, not at every tick.
+    let mut next_probe = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if contact.silent_for() < silent_limit {
+        if contact.silent_for() < silent_limit || Instant::now() < next_probe {
             continue;
         }
         let Some(seen) = following(&raft, me) else { continue };
         if probe(&seen.leader_addr).await != Probe::Refused {
+            next_probe = Instant::now() + silent_limit;
             continue;
         }
         tracing::info!(
