@@ -115,13 +115,15 @@ async fn run(pool: PeerPool, mut rx: mpsc::Receiver<Pending>) {
 /// The longest run at the head of the queue bound for one leader, up to
 /// [`wire::MAX_FORWARD_BATCH`] writes; callers that gave up are dropped.
 fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
-    let leader = queue.front().map(|p| (p.leader, p.addr.clone()));
-    let mut batch = Vec::new();
+    let mut batch: Vec<Pending> = Vec::new();
+    let mut bound: Option<(u64, String)> = None;
     while let Some(p) = queue.front() {
-        if Some((p.leader, p.addr.clone())) != leader || batch.len() >= wire::MAX_FORWARD_BATCH {
+        let same = bound.as_ref().is_none_or(|(l, a)| *l == p.leader && *a == p.addr);
+        if !same || batch.len() >= wire::MAX_FORWARD_BATCH {
             break;
         }
         let p = queue.pop_front().expect("front exists");
+        bound.get_or_insert_with(|| (p.leader, p.addr.clone()));
         if !p.reply.is_closed() {
             batch.push(p);
         }
@@ -136,7 +138,8 @@ async fn send(pool: PeerPool, batch: Vec<Pending>) {
     let timeout = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));
-    let reqs: wire::ForwardWrites = batch.iter().map(|p| p.req.clone()).collect();
+    // Encoded from references: the same bytes as a `wire::ForwardWrites`.
+    let reqs: Vec<&Request> = batch.iter().map(|p| &p.req).collect();
     let outcome = call(&pool, leader, &addr, &reqs, timeout).await;
     match outcome {
         Ok(Some(replies)) if replies.len() == batch.len() => {
@@ -182,7 +185,7 @@ async fn call(
     pool: &PeerPool,
     leader: u64,
     addr: &str,
-    reqs: &wire::ForwardWrites,
+    reqs: &[&Request],
     timeout: Duration,
 ) -> Result<Option<Vec<wire::ForwardReply>>, PeerError> {
     let path = wire::PATH_FORWARD_WRITES;
@@ -191,7 +194,7 @@ async fn call(
         path,
         why,
     };
-    let body = wire::encode(reqs).map_err(|e| failed(e.to_string()))?;
+    let body = wire::encode(&reqs).map_err(|e| failed(e.to_string()))?;
     let (status, body) = pool
         .call_raw(leader, addr, path, keel_raft::client::full(body), timeout)
         .await?;
@@ -312,6 +315,16 @@ mod tests {
         indexes.sort_unstable();
         assert_eq!(indexes, vec![10, 11, 12, 13, 14], "each write got its own answer");
         assert_eq!(singles.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn a_batch_encoded_from_references_decodes_as_forward_writes() {
+        let reqs = vec![pending(1).0.req, pending(1).0.req];
+        let refs: Vec<&Request> = reqs.iter().collect();
+        let bytes = wire::encode(&refs.as_slice()).unwrap();
+        assert_eq!(bytes, wire::encode(&reqs).unwrap());
+        let back: wire::ForwardWrites = wire::decode(&bytes).unwrap();
+        assert_eq!(back.len(), 2);
     }
 
     #[test]

@@ -600,6 +600,12 @@ async fn peer_port_answers_garbage_from_a_node_certificate_with_errors_and_keeps
             );
             assert!(text.unwrap().contains("nested more than"));
         }
+        // A batch of relayed writes over the limit: refused whole, naming it.
+        let too_many: Vec<Request> = (0..=wire::MAX_FORWARD_BATCH).map(|_| marker_request()).collect();
+        let r = call(wire::PATH_FORWARD_WRITES, wire::encode(&too_many).unwrap().into()).await;
+        let text = r.as_ref().map(|r| String::from_utf8_lossy(&r.1).to_string());
+        assert_eq!(r.as_ref().map(|r| r.0), Ok(400), "node {id} oversized batch: {text:?}");
+        assert!(text.unwrap().contains(&format!("at most {}", wire::MAX_FORWARD_BATCH)));
         // Snapshot data with an envelope length of 4 GiB, and random bytes.
         for body in [
             Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]),

@@ -322,17 +322,11 @@ impl PeerService {
         ))
     }
 
+    /// A single relayed write (followers from before the batch route): a
+    /// batch of one.
     async fn forward_write(&self, req: wire::ForwardWrite) -> wire::ForwardReply {
-        match self.raft.client_write(req).await {
-            Ok(r) => wire::ForwardReply::Applied {
-                index: r.log_id.index,
-                response: r.data,
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                wire::ForwardReply::NotLeader { leader: f.leader_id }
-            }
-            Err(e) => wire::ForwardReply::Failed(e.to_string()),
-        }
+        let mut replies = self.forward_writes(vec![req]).await;
+        replies.pop().expect("one reply per write")
     }
 
     /// Proposes a batch in one message to the Raft core; one reply per
