@@ -74,6 +74,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .map_err(anyhow::Error::new)?;
     let pristine = storage.log.is_pristine()?;
+    let purged = storage.log.purged();
     let reader = storage.reader.clone();
 
     let client_tls = material.as_ref().map(|m| m.client_config(true)).transpose()?;
@@ -87,7 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config(&config)?),
-        NetworkFactory::new(pool.clone()),
+        NetworkFactory::new(pool.clone()).with_purged(purged),
         storage.log,
         storage.state_machine,
     )

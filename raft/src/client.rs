@@ -25,6 +25,7 @@ use keel_storage::KeelNode;
 use keel_storage::NodeId;
 use keel_storage::SnapshotFile;
 use keel_storage::TypeConfig;
+use keel_storage::log_store::Purged;
 use keel_storage::types::Vote;
 use openraft::base::BoxFuture;
 use openraft::base::BoxStream;
@@ -389,12 +390,23 @@ pub fn full(bytes: Vec<u8>) -> ReqBody {
 #[derive(Clone)]
 pub struct NetworkFactory {
     pool: PeerPool,
+    purged: Purged,
 }
 
 impl NetworkFactory {
     /// A factory speaking through `pool`.
     pub fn new(pool: PeerPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            purged: Purged::default(),
+        }
+    }
+
+    /// Lets replication streams see where this node's log was purged, so a
+    /// stream that asks for purged entries fails instead of idling forever.
+    pub fn with_purged(mut self, purged: Purged) -> Self {
+        self.purged = purged;
+        self
     }
 }
 
@@ -406,6 +418,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             pool: self.pool.clone(),
             target,
             addr: node.raft_addr.clone(),
+            purged: self.purged.clone(),
         }
     }
 }
@@ -415,6 +428,73 @@ pub struct PeerNetwork {
     pool: PeerPool,
     target: NodeId,
     addr: String,
+    purged: Purged,
+}
+
+/// The request side of one append call, as the HTTP/2 body polls it.
+///
+/// hyper polls a request body for as long as its HTTP/2 stream lives, which
+/// can outlast the call: after a timeout the call has failed while the
+/// stream may still be open. openraft shares one request producer among a
+/// peer's successive calls, so a body left polling takes requests meant for
+/// the next call and sends them into the dead stream. That happened after a
+/// follower was cut off: a commit update vanished into the old stream, the
+/// new call saw no request at all, and openraft then resumed a payload it
+/// had superseded long before. Dropping the [`InputCloser`] drops the
+/// producer (and whatever it was waiting on); the body then ends.
+struct ClosableInput<S>(Arc<std::sync::Mutex<Option<S>>>);
+
+/// Closes the [`ClosableInput`] it was made with when dropped.
+struct InputCloser<S>(Arc<std::sync::Mutex<Option<S>>>);
+
+fn closable<S>(input: S) -> (ClosableInput<S>, InputCloser<S>) {
+    let slot = Arc::new(std::sync::Mutex::new(Some(input)));
+    (ClosableInput(slot.clone()), InputCloser(slot))
+}
+
+impl<S: futures::Stream + Unpin> futures::Stream for ClosableInput<S> {
+    type Item = S::Item;
+
+    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<S::Item>> {
+        let mut slot = self.0.lock().expect("input lock poisoned");
+        match slot.as_mut() {
+            Some(input) => std::pin::Pin::new(input).poll_next(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+impl<S> Drop for InputCloser<S> {
+    fn drop(&mut self) {
+        // Dropped outside the lock: the producer may hold openraft's locks.
+        let input = self.0.lock().map(|mut s| s.take()).unwrap_or(None);
+        drop(input);
+    }
+}
+
+/// Why an append request is stale, if it is: it follows an entry below the
+/// purge point, so the entries it should carry are gone.
+///
+/// openraft (0.10.0-alpha.37) can resume a replication payload that was
+/// superseded long ago: after a follower was cut off while the log was
+/// compacted, a stream restarted from the very first entry. Its reads of the
+/// purged entries come back empty, openraft turns each into a heartbeat that
+/// never advances, and the follower got no entry again. The current payload
+/// never reaches below the purge point (openraft purges only what no
+/// replication in flight needs, and sends a snapshot instead), so such a
+/// request can only come from a stale one. Failing the stream makes openraft
+/// plan the follower's replication afresh.
+fn stale_request(req: &AppendEntriesRequest<TypeConfig>, purged: &Purged) -> Option<String> {
+    let last = purged.last()?;
+    let next = req.prev_log_id.as_ref().map_or(0, |l| l.index + 1);
+    (next <= last).then(|| {
+        format!(
+            "stale append request: it follows entry {}, but the log is purged up to {last}; replication starts over",
+            req.prev_log_id
+                .as_ref()
+                .map_or("none".to_string(), |l| l.index.to_string())
+        )
+    })
 }
 
 impl PeerNetwork {
@@ -443,8 +523,9 @@ impl PeerNetwork {
     {
         use futures::StreamExt;
         let net = |e: String| RPCError::Network(NetworkError::from_string(e));
-        // Requests sent but not yet answered: a silent peer is an error only
-        // while something is outstanding.
+        // Requests handed over but not yet answered: a silent peer is an
+        // error only while something is outstanding, and so is a response
+        // that ends before answering them all.
         let pending = Arc::new(AtomicU64::new(0));
         let sent = pending.clone();
         // Every request of one stream carries the same leader vote.
@@ -458,8 +539,26 @@ impl PeerNetwork {
         let Some(first) = input.next().await else {
             return Ok(Box::pin(futures::stream::empty()));
         };
+        let (input, closer) = closable(input);
+        if let Some(why) = stale_request(&first, &self.purged) {
+            tracing::warn!(target = self.target, "{why}");
+            return Err(net(why));
+        }
+        // Counted from the moment openraft produced it: it is in openraft's
+        // list of requests awaiting an answer even if the body never sends it.
+        pending.store(1, Ordering::Relaxed);
+        let first_taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (purged, target) = (self.purged.clone(), self.target);
         let frames = futures::stream::iter([first]).chain(input).map(move |req| {
-            sent.fetch_add(1, Ordering::Relaxed);
+            if first_taken.swap(true, Ordering::Relaxed) {
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            // A stream that reached back below the purge point mid-way: the
+            // body fails, and with it the call.
+            if let Some(why) = stale_request(&req, &purged) {
+                tracing::warn!(target, "{why}");
+                return Err(io::Error::other(why));
+            }
             seen_vote.lock().expect("vote lock poisoned").get_or_insert(req.vote);
             wire::frame(&req).map(hyper::body::Frame::data)
         });
@@ -487,9 +586,11 @@ impl PeerNetwork {
                 String::from_utf8_lossy(&text)
             )));
         }
-        let state = (resp.into_body(), wire::FrameReader::default(), pending, false);
+        // The result stream owns the closer: when openraft is done with this
+        // call, the body stops taking its requests.
+        let state = (resp.into_body(), wire::FrameReader::default(), pending, closer, false);
         let (pool, target) = (self.pool.clone(), self.target);
-        let results = futures::stream::unfold(state, move |(mut body, mut reader, pending, done)| {
+        let results = futures::stream::unfold(state, move |(mut body, mut reader, pending, closer, done)| {
             let (pool, stream_vote) = (pool.clone(), stream_vote.clone());
             async move {
                 if done {
@@ -506,28 +607,38 @@ impl PeerNetwork {
                                     Err(StreamAppendError::Conflict(c)) => {
                                         if let Err(e) = pool.check_reversion(target, &vote, c.index) {
                                             tracing::error!(target, "{e}");
-                                            return Some((Err(net(e)), (body, reader, pending, true)));
+                                            return Some((Err(net(e)), (body, reader, pending, closer, true)));
                                         }
                                     }
                                     _ => {}
                                 }
                             }
-                            return Some((Ok(r), (body, reader, pending, false)));
+                            return Some((Ok(r), (body, reader, pending, closer, false)));
                         }
                         Ok(None) => {}
-                        Err(e) => return Some((Err(net(e.to_string())), (body, reader, pending, true))),
+                        Err(e) => return Some((Err(net(e.to_string())), (body, reader, pending, closer, true))),
                     }
                     let next = match tokio::time::timeout(ttl, body.frame()).await {
                         Ok(f) => f,
                         Err(_) if pending.load(Ordering::Relaxed) == 0 => continue,
                         Err(_) => {
                             let e = net(format!("no append result within {ttl:?}"));
-                            return Some((Err(e), (body, reader, pending, true)));
+                            return Some((Err(e), (body, reader, pending, closer, true)));
                         }
                     };
                     match next {
-                        None => return None,
-                        Some(Err(e)) => return Some((Err(net(e.to_string())), (body, reader, pending, true))),
+                        // A response that ends with requests unanswered is a
+                        // failed call, not a finished one: openraft would
+                        // otherwise keep the unanswered payload as work left
+                        // over and resume it later, after it went stale.
+                        None => match pending.load(Ordering::Relaxed) {
+                            0 => return None,
+                            n => {
+                                let e = net(format!("append stream ended with {n} requests unanswered"));
+                                return Some((Err(e), (body, reader, pending, closer, true)));
+                            }
+                        },
+                        Some(Err(e)) => return Some((Err(net(e.to_string())), (body, reader, pending, closer, true))),
                         Some(Ok(f)) => {
                             if let Ok(d) = f.into_data() {
                                 reader.push(&d);
@@ -909,4 +1020,158 @@ fn tokio_stream_from<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures::Stream<Item = T> + Send + Sync + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use openraft::raft::StreamAppendResult;
+
+    use super::*;
+
+    /// A peer whose stream-append route answers the first `answers`
+    /// requests it reads and then ends the response.
+    async fn peer_answering(answers: usize) -> (String, tokio::sync::watch::Sender<bool>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(crate::serve::serve(
+            listener,
+            None,
+            move |_| {
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+                    assert_eq!(req.uri().path(), wire::PATH_STREAM_APPEND);
+                    let mut body = req.into_body();
+                    let mut reader = wire::FrameReader::default();
+                    let mut out = Vec::new();
+                    while out.len() < answers {
+                        match reader.next_message::<AppendEntriesRequest<TypeConfig>>() {
+                            Ok(Some(r)) => {
+                                let res: StreamAppendResult<TypeConfig> = Ok(r.prev_log_id);
+                                out.push(wire::frame(&res).unwrap());
+                                continue;
+                            }
+                            Ok(None) => {}
+                            Err(e) => panic!("bad frame: {e}"),
+                        }
+                        match body.frame().await {
+                            Some(Ok(f)) => reader.push(&f.into_data().unwrap()),
+                            _ => break,
+                        }
+                    }
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(out.concat()))))
+                })
+            },
+            stop_rx,
+            crate::serve::ServeOptions::default(),
+        ));
+        (addr, stop)
+    }
+
+    fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: vec![],
+        }
+    }
+
+    async fn results_of(addr: &str, requests: usize) -> Vec<Result<StreamAppendResult<TypeConfig>, String>> {
+        let pool = PeerPool::new(1, "test", None, Arc::new(crate::hooks::NoNetHooks));
+        let node = KeelNode {
+            raft_addr: addr.to_string(),
+            api_addr: addr.to_string(),
+        };
+        let mut net = NetworkFactory::new(pool).new_client(2, &node).await;
+        let input = futures::stream::iter((0..requests).map(|_| heartbeat()));
+        let option = RPCOption::new(Duration::from_secs(5));
+        let results = net.stream_append(input, option).await.expect("the stream opens");
+        results.map(|r| r.map_err(|e| e.to_string())).collect().await
+    }
+
+    #[test]
+    fn only_a_request_reaching_below_the_purge_point_is_stale() {
+        use openraft::impls::leader_id_adv::LeaderId;
+        let after = |index: Option<u64>| AppendEntriesRequest::<TypeConfig> {
+            prev_log_id: index.map(|i| keel_storage::types::LogId::new(LeaderId { term: 1, node_id: 1 }, i)),
+            ..heartbeat()
+        };
+        let nothing_purged = Purged::default();
+        assert_eq!(stale_request(&after(None), &nothing_purged), None);
+        assert_eq!(stale_request(&after(Some(1)), &nothing_purged), None);
+
+        let store_dir = tempfile::TempDir::new().unwrap();
+        let purged = purged_up_to(store_dir.path(), 10);
+        assert!(stale_request(&after(None), &purged).is_some(), "from the start");
+        assert!(stale_request(&after(Some(1)), &purged).is_some());
+        assert!(stale_request(&after(Some(9)), &purged).is_some());
+        assert_eq!(
+            stale_request(&after(Some(10)), &purged),
+            None,
+            "the purge point itself is known"
+        );
+        assert_eq!(stale_request(&after(Some(11)), &purged), None);
+    }
+
+    /// A purge mark at `index`, from a real log store.
+    fn purged_up_to(dir: &std::path::Path, index: u64) -> Purged {
+        use openraft::impls::leader_id_adv::LeaderId;
+        use openraft::storage::RaftLogStorage;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut log = keel_storage::LogStore::open(dir, Arc::new(keel_storage::NoHooks)).unwrap();
+            let upto = keel_storage::types::LogId::new(LeaderId { term: 1, node_id: 1 }, index);
+            log.purge(upto).await.unwrap();
+            log.purged()
+        })
+    }
+
+    /// Once the call's results are dropped, the body takes no more requests
+    /// from openraft's producer, and the producer itself is dropped.
+    #[tokio::test]
+    async fn a_finished_call_stops_taking_requests() {
+        let producer = Arc::new(());
+        let held = producer.clone();
+        let input = futures::stream::iter(0..10).map(move |i| {
+            let _ = &held;
+            i
+        });
+        let (mut input, closer) = closable(input);
+        assert_eq!(input.next().await, Some(0));
+        assert_eq!(Arc::strong_count(&producer), 2);
+        drop(closer);
+        assert_eq!(input.next().await, None, "no request after the call ended");
+        assert_eq!(Arc::strong_count(&producer), 1, "the producer was dropped");
+    }
+
+    /// Every request answered, then the end: a finished call.
+    #[tokio::test]
+    async fn a_stream_that_answers_every_request_ends_cleanly() {
+        let (addr, _stop) = peer_answering(2).await;
+        let results = results_of(&addr, 2).await;
+        assert_eq!(results.len(), 2, "{results:?}");
+        assert!(results.iter().all(|r| matches!(r, Ok(Ok(None)))), "{results:?}");
+    }
+
+    /// A response that ends before answering every request is a failed
+    /// call. Ending quietly would let openraft keep the unanswered request
+    /// as work left over and resume it later, when it may be stale: a
+    /// follower cut off during compaction then never got entries again.
+    #[tokio::test]
+    async fn a_stream_that_ends_with_requests_unanswered_is_an_error() {
+        for answered in [0, 1] {
+            let (addr, _stop) = peer_answering(answered).await;
+            let results = results_of(&addr, 2).await;
+            assert_eq!(results.len(), answered + 1, "{results:?}");
+            let last = results.last().unwrap();
+            assert!(
+                matches!(last, Err(e) if e.contains("unanswered")),
+                "answered {answered}: {results:?}"
+            );
+        }
+    }
 }

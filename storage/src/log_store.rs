@@ -12,6 +12,8 @@ use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -54,6 +56,23 @@ pub struct LogStore {
     db: Arc<DB>,
     flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
     hooks: Arc<dyn StorageHooks>,
+    purged: Purged,
+}
+
+/// The index of the last purged entry, shared with the replication client,
+/// which must not ask for entries that are gone, without a database read.
+#[derive(Clone, Debug, Default)]
+pub struct Purged(Arc<AtomicU64>);
+
+impl Purged {
+    /// The last purged index, `None` while nothing was purged.
+    pub fn last(&self) -> Option<u64> {
+        self.0.load(Ordering::Acquire).checked_sub(1)
+    }
+
+    fn raise(&self, index: u64) {
+        self.0.fetch_max(index + 1, Ordering::AcqRel);
+    }
 }
 
 impl LogStore {
@@ -79,7 +98,21 @@ impl LogStore {
         std::thread::Builder::new()
             .name("keel-log-fsync".into())
             .spawn(move || group_commit(flush_db, rx, flush_hooks))?;
-        Ok(Self { db, flusher: tx, hooks })
+        let store = Self {
+            db,
+            flusher: tx,
+            hooks,
+            purged: Purged::default(),
+        };
+        if let Some(last) = store.get_meta::<LogId>(KEY_PURGED)? {
+            store.purged.raise(last.index);
+        }
+        Ok(store)
+    }
+
+    /// Where the log's purged prefix ends, kept current as entries are purged.
+    pub fn purged(&self) -> Purged {
+        self.purged.clone()
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
@@ -282,6 +315,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut b = WriteBatch::default();
         b.put_cf(self.cf(CF_META), KEY_PURGED, encode(&log_id)?);
         b.delete_range_cf(self.cf(CF_LOGS), index_key(0), index_key(log_id.index + 1));
+        // Raised before the deletion: openraft purges only what no current
+        // replication needs, so a request that still reads these entries is
+        // stale from this moment on.
+        self.purged.raise(log_id.index);
         self.write_synced(b).await
     }
 }

@@ -386,18 +386,20 @@ impl TestCluster {
     pub async fn wait_applied(&self, ids: &[u64], index: u64) {
         let start = Instant::now();
         loop {
-            let mut all = true;
+            let mut applied = Vec::new();
             for id in ids {
                 let a = self.status(*id).await.map(|s| s.applied_index).unwrap_or(0);
-                all &= a >= index;
+                applied.push((*id, a));
             }
-            if all {
+            if applied.iter().all(|(_, a)| *a >= index) {
                 return;
             }
-            assert!(
-                start.elapsed() < WAIT,
-                "nodes {ids:?} did not apply index {index} within {WAIT:?}"
-            );
+            if start.elapsed() > WAIT {
+                for id in ids {
+                    eprintln!("--- node {id} log ---\n{}", self.log_tail(*id));
+                }
+                panic!("nodes {ids:?} did not apply index {index} within {WAIT:?}: (node, applied) {applied:?}");
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
