@@ -472,18 +472,21 @@ impl<S> Drop for InputCloser<S> {
     }
 }
 
-/// Why an append request is stale, if it is: it follows an entry below the
-/// purge point, so the entries it should carry are gone.
+/// Why an append request cannot carry entries, if it cannot: it follows an
+/// entry below the purge point, so the entries after it are gone.
 ///
 /// openraft (0.10.0-alpha.37) can resume a replication payload that was
 /// superseded long ago: after a follower was cut off while the log was
-/// compacted, a stream restarted from the very first entry. Its reads of the
-/// purged entries come back empty, openraft turns each into a heartbeat that
-/// never advances, and the follower got no entry again. The current payload
-/// never reaches below the purge point (openraft purges only what no
-/// replication in flight needs, and sends a snapshot instead), so such a
-/// request can only come from a stale one. Failing the stream makes openraft
-/// plan the follower's replication afresh.
+/// compacted, a call restarted from the very first entry. Its reads of the
+/// purged entries come back empty, openraft turns each into an entry-less
+/// request that never advances, every 10 ms on the same call, and the
+/// follower got no entry again. A current payload never reaches below the
+/// purge point (openraft purges only what no replication in flight needs,
+/// and sends a snapshot instead). Heartbeats and commit updates may: they
+/// follow what the follower last matched, which can be far behind, but each
+/// is a call of one request. So the second such request in one call marks a
+/// stale payload, and failing the call makes openraft plan the follower's
+/// replication afresh.
 fn stale_request(req: &AppendEntriesRequest<TypeConfig>, purged: &Purged) -> Option<String> {
     let last = purged.last()?;
     let next = req.prev_log_id.as_ref().map_or(0, |l| l.index + 1);
@@ -540,24 +543,25 @@ impl PeerNetwork {
             return Ok(Box::pin(futures::stream::empty()));
         };
         let (input, closer) = closable(input);
-        if let Some(why) = stale_request(&first, &self.purged) {
-            tracing::warn!(target = self.target, "{why}");
-            return Err(net(why));
-        }
         // Counted from the moment openraft produced it: it is in openraft's
         // list of requests awaiting an answer even if the body never sends it.
         pending.store(1, Ordering::Relaxed);
         let first_taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (purged, target) = (self.purged.clone(), self.target);
+        let mut below_purge = 0u32;
         let frames = futures::stream::iter([first]).chain(input).map(move |req| {
             if first_taken.swap(true, Ordering::Relaxed) {
                 sent.fetch_add(1, Ordering::Relaxed);
             }
-            // A stream that reached back below the purge point mid-way: the
-            // body fails, and with it the call.
+            // One request below the purge point is a heartbeat or a commit
+            // update (each a call of one request, following what the follower
+            // last matched); a second in the same call is a stale payload.
             if let Some(why) = stale_request(&req, &purged) {
-                tracing::warn!(target, "{why}");
-                return Err(io::Error::other(why));
+                below_purge += 1;
+                if below_purge > 1 {
+                    tracing::warn!(target, "{why}");
+                    return Err(io::Error::other(why));
+                }
             }
             seen_vote.lock().expect("vote lock poisoned").get_or_insert(req.vote);
             wire::frame(&req).map(hyper::body::Frame::data)
@@ -1078,16 +1082,27 @@ mod tests {
     }
 
     async fn results_of(addr: &str, requests: usize) -> Vec<Result<StreamAppendResult<TypeConfig>, String>> {
+        let requests = (0..requests).map(|_| heartbeat()).collect();
+        results_with(addr, requests, Purged::default()).await
+    }
+
+    async fn results_with(
+        addr: &str,
+        requests: Vec<AppendEntriesRequest<TypeConfig>>,
+        purged: Purged,
+    ) -> Vec<Result<StreamAppendResult<TypeConfig>, String>> {
         let pool = PeerPool::new(1, "test", None, Arc::new(crate::hooks::NoNetHooks));
         let node = KeelNode {
             raft_addr: addr.to_string(),
             api_addr: addr.to_string(),
         };
-        let mut net = NetworkFactory::new(pool).new_client(2, &node).await;
-        let input = futures::stream::iter((0..requests).map(|_| heartbeat()));
+        let mut net = NetworkFactory::new(pool).with_purged(purged).new_client(2, &node).await;
+        let input = futures::stream::iter(requests);
         let option = RPCOption::new(Duration::from_secs(5));
-        let results = net.stream_append(input, option).await.expect("the stream opens");
-        results.map(|r| r.map_err(|e| e.to_string())).collect().await
+        match net.stream_append(input, option).await {
+            Ok(results) => results.map(|r| r.map_err(|e| e.to_string())).collect().await,
+            Err(e) => vec![Err(format!("the call failed to open: {e}"))],
+        }
     }
 
     #[test]
@@ -1103,7 +1118,10 @@ mod tests {
 
         let store_dir = tempfile::TempDir::new().unwrap();
         let purged = purged_up_to(store_dir.path(), 10);
-        assert!(stale_request(&after(None), &purged).is_some(), "from the start");
+        assert!(
+            stale_request(&after(None), &purged).is_some(),
+            "from the start (as heartbeats to a new learner are)"
+        );
         assert!(stale_request(&after(Some(1)), &purged).is_some());
         assert!(stale_request(&after(Some(9)), &purged).is_some());
         assert_eq!(
@@ -1116,18 +1134,44 @@ mod tests {
 
     /// A purge mark at `index`, from a real log store.
     fn purged_up_to(dir: &std::path::Path, index: u64) -> Purged {
-        use openraft::impls::leader_id_adv::LeaderId;
-        use openraft::storage::RaftLogStorage;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .build()
             .unwrap();
-        rt.block_on(async {
-            let mut log = keel_storage::LogStore::open(dir, Arc::new(keel_storage::NoHooks)).unwrap();
-            let upto = keel_storage::types::LogId::new(LeaderId { term: 1, node_id: 1 }, index);
-            log.purge(upto).await.unwrap();
-            log.purged()
-        })
+        rt.block_on(purged_at(dir, index))
+    }
+
+    async fn purged_at(dir: &std::path::Path, index: u64) -> Purged {
+        use openraft::impls::leader_id_adv::LeaderId;
+        use openraft::storage::RaftLogStorage;
+        let mut log = keel_storage::LogStore::open(dir, Arc::new(keel_storage::NoHooks)).unwrap();
+        let upto = keel_storage::types::LogId::new(LeaderId { term: 1, node_id: 1 }, index);
+        log.purge(upto).await.unwrap();
+        log.purged()
+    }
+
+    /// A heartbeat follows what the follower last matched, which may be
+    /// below the purge point while a snapshot is on its way: as the one
+    /// request of its call it goes through. A second request below the
+    /// purge point in one call is a stale payload, and the call fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_request_below_the_purge_point_fails_the_call() {
+        use openraft::impls::leader_id_adv::LeaderId;
+        let dir = tempfile::TempDir::new().unwrap();
+        let purged = purged_at(dir.path(), 10).await;
+        let behind = AppendEntriesRequest::<TypeConfig> {
+            prev_log_id: Some(keel_storage::types::LogId::new(LeaderId { term: 1, node_id: 1 }, 3)),
+            ..heartbeat()
+        };
+
+        let (addr, _stop) = peer_answering(1).await;
+        let results = results_with(&addr, vec![behind.clone()], purged.clone()).await;
+        assert_eq!(results.len(), 1, "{results:?}");
+        assert!(matches!(&results[0], Ok(Ok(Some(l))) if l.index == 3), "{results:?}");
+
+        let (addr, _stop) = peer_answering(2).await;
+        let results = results_with(&addr, vec![behind.clone(), behind], purged).await;
+        assert!(matches!(results.last(), Some(Err(_))), "{results:?}");
     }
 
     /// Once the call's results are dropped, the body takes no more requests
