@@ -546,13 +546,13 @@ impl PeerNetwork {
         // Counted from the moment openraft produced it: it is in openraft's
         // list of requests awaiting an answer even if the body never sends it.
         pending.store(1, Ordering::Relaxed);
-        let first_taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (purged, target) = (self.purged.clone(), self.target);
-        let mut below_purge = 0u32;
+        let (mut first_taken, mut below_purge) = (false, 0u32);
         let frames = futures::stream::iter([first]).chain(input).map(move |req| {
-            if first_taken.swap(true, Ordering::Relaxed) {
+            if first_taken {
                 sent.fetch_add(1, Ordering::Relaxed);
             }
+            first_taken = true;
             // One request below the purge point is a heartbeat or a commit
             // update (each a call of one request, following what the follower
             // last matched); a second in the same call is a stale payload.
