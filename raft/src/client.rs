@@ -472,8 +472,8 @@ impl<S> Drop for InputCloser<S> {
     }
 }
 
-/// Why an append request cannot carry entries, if it cannot: it follows an
-/// entry below the purge point, so the entries after it are gone.
+/// Whether an append request cannot carry entries: it follows an entry
+/// below the purge point, so the entries after it are gone.
 ///
 /// openraft (0.10.0-alpha.37) can resume a replication payload that was
 /// superseded long ago: after a follower was cut off while the log was
@@ -487,17 +487,12 @@ impl<S> Drop for InputCloser<S> {
 /// is a call of one request. So the second such request in one call marks a
 /// stale payload, and failing the call makes openraft plan the follower's
 /// replication afresh.
-fn stale_request(req: &AppendEntriesRequest<TypeConfig>, purged: &Purged) -> Option<String> {
+///
+/// Returns the last purged index when the request reaches below it.
+fn below_purge(req: &AppendEntriesRequest<TypeConfig>, purged: &Purged) -> Option<u64> {
     let last = purged.last()?;
     let next = req.prev_log_id.as_ref().map_or(0, |l| l.index + 1);
-    (next <= last).then(|| {
-        format!(
-            "stale append request: it follows entry {}, but the log is purged up to {last}; replication starts over",
-            req.prev_log_id
-                .as_ref()
-                .map_or("none".to_string(), |l| l.index.to_string())
-        )
-    })
+    (next <= last).then_some(last)
 }
 
 impl PeerNetwork {
@@ -547,7 +542,7 @@ impl PeerNetwork {
         // list of requests awaiting an answer even if the body never sends it.
         pending.store(1, Ordering::Relaxed);
         let (purged, target) = (self.purged.clone(), self.target);
-        let (mut first_taken, mut below_purge) = (false, 0u32);
+        let (mut first_taken, mut behind) = (false, 0u32);
         let frames = futures::stream::iter([first]).chain(input).map(move |req| {
             if first_taken {
                 sent.fetch_add(1, Ordering::Relaxed);
@@ -556,9 +551,14 @@ impl PeerNetwork {
             // One request below the purge point is a heartbeat or a commit
             // update (each a call of one request, following what the follower
             // last matched); a second in the same call is a stale payload.
-            if let Some(why) = stale_request(&req, &purged) {
-                below_purge += 1;
-                if below_purge > 1 {
+            if let Some(last) = below_purge(&req, &purged) {
+                behind += 1;
+                if behind > 1 {
+                    let why = format!(
+                        "stale append request: it follows entry {:?}, but the log is purged up to {last}; \
+                         replication starts over",
+                        req.prev_log_id.as_ref().map(|l| l.index)
+                    );
                     tracing::warn!(target, "{why}");
                     return Err(io::Error::other(why));
                 }
@@ -1106,30 +1106,30 @@ mod tests {
     }
 
     #[test]
-    fn only_a_request_reaching_below_the_purge_point_is_stale() {
+    fn only_a_request_reaching_below_the_purge_point_is_behind_it() {
         use openraft::impls::leader_id_adv::LeaderId;
         let after = |index: Option<u64>| AppendEntriesRequest::<TypeConfig> {
             prev_log_id: index.map(|i| keel_storage::types::LogId::new(LeaderId { term: 1, node_id: 1 }, i)),
             ..heartbeat()
         };
         let nothing_purged = Purged::default();
-        assert_eq!(stale_request(&after(None), &nothing_purged), None);
-        assert_eq!(stale_request(&after(Some(1)), &nothing_purged), None);
+        assert_eq!(below_purge(&after(None), &nothing_purged), None);
+        assert_eq!(below_purge(&after(Some(1)), &nothing_purged), None);
 
         let store_dir = tempfile::TempDir::new().unwrap();
         let purged = purged_up_to(store_dir.path(), 10);
         assert!(
-            stale_request(&after(None), &purged).is_some(),
+            below_purge(&after(None), &purged).is_some(),
             "from the start (as heartbeats to a new learner are)"
         );
-        assert!(stale_request(&after(Some(1)), &purged).is_some());
-        assert!(stale_request(&after(Some(9)), &purged).is_some());
+        assert!(below_purge(&after(Some(1)), &purged).is_some());
+        assert!(below_purge(&after(Some(9)), &purged).is_some());
         assert_eq!(
-            stale_request(&after(Some(10)), &purged),
+            below_purge(&after(Some(10)), &purged),
             None,
             "the purge point itself is known"
         );
-        assert_eq!(stale_request(&after(Some(11)), &purged), None);
+        assert_eq!(below_purge(&after(Some(11)), &purged), None);
     }
 
     /// A purge mark at `index`, from a real log store.
