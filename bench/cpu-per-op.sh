@@ -9,7 +9,8 @@
 # throughput, p50 latency and the CPU time (user + system) all three nodes
 # used per put over the run. With PERF=1 it also records the leader with
 # `perf record --call-graph dwarf` for 3 s into the data directory's
-# perf.data (kept; its path is printed). Every process it starts is stopped
+# perf.data (kept; its path is printed); PERF=follower records a follower
+# instead. Every process it starts is stopped
 # by pid before it exits.
 set -euo pipefail
 
@@ -44,6 +45,10 @@ for _ in $(seq 1 300); do
 done
 [[ -n "$leader" ]] || { echo "no leader after 60 s" >&2; exit 1; }
 leader_pid=${pids[$((leader - 1))]}
+profiled_pid=$leader_pid
+if [[ "${PERF:-}" == follower ]]; then
+    profiled_pid=${pids[$((leader % 3))]}
+fi
 
 cpu_ticks() {
     local t=0
@@ -58,7 +63,7 @@ cpu_ticks() {
 t0=$(cpu_ticks)
 perf_pid=""
 if [[ -n "${PERF:-}" ]]; then
-    perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$leader_pid" -o "$dir/perf.data" \
+    perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$profiled_pid" -o "$dir/perf.data" \
         -- sleep 3 >/dev/null 2>&1 &
     perf_pid=$!
 fi
@@ -75,5 +80,5 @@ us = (t1 - t0) / hz * 1e6 / r["ops"]
 print(f"put {sys.argv[5]} clients / {sys.argv[6]} connections: {r['throughput']:.0f} ops/s, "
       f"p50 {r['latency_ms']['p50']:.2f} ms, {r['errors']} errors, cluster CPU {us:.0f} us per put")
 EOF
-[[ -n "${PERF:-}" ]] && echo "leader profile: $dir/perf.data"
+[[ -n "${PERF:-}" ]] && echo "profile of pid $profiled_pid (leader $leader_pid): $dir/perf.data"
 exit 0
