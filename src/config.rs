@@ -89,6 +89,10 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// A tracing filter, e.g. `info` or `keel=debug,openraft=info`.
     pub log_level: Option<String>,
+    /// Threads of the node's event loop: 1 (the default) runs every task on
+    /// one thread, 0 one per CPU, N > 1 that many. Fsyncs, RocksDB's own
+    /// work and snapshot file work run on threads of their own either way.
+    pub worker_threads: Option<usize>,
     /// Raft settings.
     #[serde(default)]
     pub raft: RaftFile,
@@ -146,6 +150,9 @@ pub struct ServeArgs {
     /// Log filter.
     #[arg(long, env = "KEEL_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Event-loop threads: 1 (default), 0 for one per CPU, or N.
+    #[arg(long, env = "KEEL_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Heartbeat interval, ms.
     #[arg(long, env = "KEEL_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
@@ -203,6 +210,8 @@ pub struct Config {
     pub log_json: bool,
     /// Log filter.
     pub log_level: String,
+    /// Event-loop threads: 1 is a single-threaded loop, 0 one per CPU.
+    pub worker_threads: usize,
     /// Heartbeat interval, ms.
     pub heartbeat_ms: u64,
     /// Election timeout bounds, ms.
@@ -406,6 +415,7 @@ impl Config {
             request_timeout: Duration::from_millis(a.request_timeout_ms.or(f.request_timeout_ms).unwrap_or(5000)),
             log_json,
             log_level: a.log_level.clone().or(f.log_level).unwrap_or_else(|| "info".into()),
+            worker_threads: a.worker_threads.or(f.worker_threads).unwrap_or(1),
             heartbeat_ms,
             election_timeout_ms: (emin, emax),
             snapshot_every,

@@ -161,14 +161,23 @@ fn main() -> std::process::ExitCode {
     // Test builds only (see keel_storage::failpoints); inert otherwise.
     let _failpoints = keel_storage::failpoints::setup();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("building the tokio runtime");
+    // A node's configuration chooses its runtime; every other command uses
+    // one worker per CPU (`keel bench` is a load generator).
+    let config = match &cli.command {
+        Cmd::Serve(args) => match Config::load(args) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("keel: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let rt = runtime(config.as_ref().map_or(0, |c| c.worker_threads));
     let res = rt.block_on(async move {
         match cli.command {
-            Cmd::Serve(args) => {
-                let config = Config::load(&args)?;
+            Cmd::Serve(_) => {
+                let config = config.expect("loaded above");
                 init_logging(config.log_json, &config.log_level);
                 keel::node::run(config).await
             }
@@ -201,6 +210,22 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The tokio runtime: `threads == 1` a single-threaded event loop (a node's
+/// default: measured in bench/README.md, the hops of a write between tasks
+/// then never wake another thread), 0 one worker per CPU, N that many.
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    let mut b = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    b.enable_all().build().expect("building the tokio runtime")
 }
 
 fn cert(c: CertCmd) -> anyhow::Result<()> {
