@@ -43,6 +43,9 @@ pub const MAX_APPLY_LAG: u64 = 1_000;
 /// How often gauges that do not change with Raft events (contact ages,
 /// lag in seconds, readiness) are refreshed.
 const TICK: Duration = Duration::from_millis(500);
+/// Index-only metrics changes are sampled at most this often: the entry
+/// clock's own resolution, so replication lag in seconds loses nothing.
+const SAMPLE_EVERY: Duration = EntryClock::MERGE;
 /// How often the state sizes are counted (a scan of the state).
 const COUNT_EVERY: Duration = Duration::from_secs(10);
 
@@ -228,13 +231,23 @@ impl EntryClock {
 struct Sampler {
     role: Option<ServerState>,
     leadership: Option<(u64, u64)>,
-    membership: Option<String>,
+    membership: Option<Option<keel_storage::types::LogId>>,
     snapshot: Option<u64>,
     peers: Vec<u64>,
     clock: EntryClock,
 }
 
 impl Sampler {
+    /// True when `m` changes something the sampler logs: role, leadership,
+    /// membership or snapshot. Such a change is never deferred.
+    fn news(&self, m: &RaftMetrics) -> bool {
+        self.role != Some(m.state)
+            || m.current_leader
+                .is_some_and(|l| self.leadership != Some((m.current_term, l)))
+            || self.membership.as_ref() != Some(m.membership_config.log_id())
+            || self.snapshot != m.snapshot.as_ref().map(|l| l.index)
+    }
+
     /// Applies one metrics snapshot to the gauges and logs what changed.
     fn on_metrics(&mut self, me: u64, m: &RaftMetrics, now: Instant) {
         let g = metrics::get();
@@ -281,8 +294,8 @@ impl Sampler {
                 self.leadership = Some(key);
             }
         }
-        let mem = format!("{:?}", m.membership_config.log_id());
-        if self.membership.as_deref() != Some(mem.as_str()) {
+        let mem = m.membership_config.log_id().clone();
+        if self.membership.as_ref() != Some(&mem) {
             tracing::info!(
                 term = m.current_term,
                 leader = m.current_leader.unwrap_or(0),
@@ -385,18 +398,35 @@ async fn run(cluster: Cluster) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_count: Option<Instant> = None;
     let mut sampler = Sampler::default();
+    // openraft publishes metrics on every commit and apply, thousands of
+    // times a second under load. Changes that only move indexes are sampled
+    // at most every SAMPLE_EVERY (the last one always, once it is due).
+    let mut sampled: Option<Instant> = None;
+    let mut deferred = false;
     loop {
-        let timer = tokio::select! {
+        let due = sampled.map_or_else(Instant::now, |t| t + SAMPLE_EVERY);
+        let (timer, catch_up) = tokio::select! {
             r = rx.changed() => {
                 if r.is_err() {
                     return; // Raft stopped.
                 }
-                false
+                (false, false)
             }
-            _ = tick.tick() => true,
+            _ = tick.tick() => (true, false),
+            _ = tokio::time::sleep_until(due.into()), if deferred => (false, true),
         };
-        let m = rx.borrow_watched().clone();
-        sampler.on_metrics(me, &m, Instant::now());
+        let now = Instant::now();
+        let m = {
+            let current = rx.borrow_watched();
+            if !timer && !catch_up && !sampler.news(&current) && sampled.is_some_and(|t| now < t + SAMPLE_EVERY) {
+                deferred = true;
+                continue;
+            }
+            current.clone()
+        };
+        deferred = false;
+        sampled = Some(now);
+        sampler.on_metrics(me, &m, now);
         if !timer {
             continue;
         }
@@ -474,6 +504,30 @@ mod tests {
         // The oldest entry still has the oldest time.
         let now = t0 + Duration::from_secs(1000);
         assert_eq!(c.lag(None, now), Duration::from_secs(1000));
+    }
+
+    #[test]
+    fn only_role_leadership_membership_or_snapshot_changes_are_news() {
+        let mut s = Sampler::default();
+        let mut m = RaftMetrics::new_initial(1);
+        assert!(s.news(&m), "the first sample is news");
+        s.on_metrics(1, &m, Instant::now());
+        assert!(!s.news(&m));
+        m.last_log_index = Some(7);
+        m.last_applied = Some(keel_storage::types::LogId::new(
+            openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 },
+            7,
+        ));
+        assert!(!s.news(&m), "moving indexes can wait");
+        m.state = ServerState::Candidate;
+        assert!(s.news(&m), "a role change");
+        s.on_metrics(1, &m, Instant::now());
+        m.current_term = 2;
+        m.current_leader = Some(2);
+        assert!(s.news(&m), "a new leader");
+        s.on_metrics(1, &m, Instant::now());
+        m.snapshot = m.last_applied.clone();
+        assert!(s.news(&m), "a new snapshot");
     }
 
     #[test]
