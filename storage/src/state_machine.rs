@@ -35,6 +35,7 @@ use rocksdb::ColumnFamilyDescriptor;
 use rocksdb::DB;
 use rocksdb::IteratorMode;
 use rocksdb::Options;
+use rocksdb::ReadOptions;
 use rocksdb::WriteBatch;
 use tokio::sync::watch;
 
@@ -146,6 +147,31 @@ pub(crate) fn remove_stale_generations(sm_dir: &Path, keep: u64) -> io::Result<(
     Ok(())
 }
 
+/// Read options for a scan of `prefix`: the iterator stops at the first key
+/// past it. Without the bound, a scan of a prefix with no live key after it
+/// walks every deletion tombstone that follows (the history range is dense
+/// with them) before it can tell that nothing matches.
+fn prefix_bounded(prefix: &str) -> ReadOptions {
+    let mut ro = ReadOptions::default();
+    if let Some(end) = prefix_end(prefix.as_bytes()) {
+        ro.set_iterate_upper_bound(end);
+    }
+    ro
+}
+
+/// The smallest key greater than every key starting with `prefix`, or `None`
+/// when there is none (an empty prefix, or all `0xff` bytes).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 /// A point-in-time view of the data column family for [`model::apply`].
 struct DbView<'a>(&'a DB);
 
@@ -161,9 +187,11 @@ impl ReadState for DbView<'_> {
     fn scan(&self, prefix: &str, limit: usize) -> io::Result<Vec<(String, Object)>> {
         let cf = self.0.cf_handle(CF_DATA).expect("data column family");
         let mut out = Vec::new();
-        let iter = self
-            .0
-            .iterator_cf(cf, IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward));
+        let iter = self.0.iterator_cf_opt(
+            cf,
+            prefix_bounded(prefix),
+            IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward),
+        );
         for item in iter {
             let (k, v) = item.map_err(db_err)?;
             if !k.starts_with(prefix.as_bytes()) || out.len() >= limit {
@@ -245,24 +273,21 @@ fn apply_batch(db: &DB, entries: Vec<EntryResponder<TypeConfig>>) -> io::Result<
             }
             continue;
         }
-        let response = match entry.payload {
-            EntryPayload::Blank => Response::None,
-            EntryPayload::Normal(ref req) => {
-                let (writes, resp) = model::apply(&overlay, req, log_id.index)?;
-                for w in &writes {
-                    match w {
-                        model::Write::Put(k, o) => batch.put_cf(data, k.as_bytes(), encode(o)?),
-                        model::Write::Delete(k) => batch.delete_cf(data, k.as_bytes()),
-                    }
-                }
-                overlay.record(&writes);
-                resp
-            }
+        let (writes, response) = match entry.payload {
+            EntryPayload::Normal(ref req) => model::apply(&overlay, req, log_id.index)?,
+            EntryPayload::Blank => (model::apply_without_command(log_id.index), Response::None),
             EntryPayload::Membership(ref m) => {
                 membership = Some(StoredMembership::new(Some(log_id), m.clone()));
-                Response::None
+                (model::apply_without_command(log_id.index), Response::None)
             }
         };
+        for w in &writes {
+            match w {
+                model::Write::Put(k, o) => batch.put_cf(data, k.as_bytes(), encode(o)?),
+                model::Write::Delete(k) => batch.delete_cf(data, k.as_bytes()),
+            }
+        }
+        overlay.record(&writes);
         last = Some(log_id);
         if let Some(r) = responder {
             responses.push((r, response));
@@ -377,7 +402,8 @@ impl StateReader {
         let cf = db.cf_handle(CF_DATA).expect("data column family");
         let mut out = Vec::new();
         let from = if start > prefix { start } else { prefix };
-        for item in db.iterator_cf(cf, IteratorMode::From(from.as_bytes(), rocksdb::Direction::Forward)) {
+        let mode = IteratorMode::From(from.as_bytes(), rocksdb::Direction::Forward);
+        for item in db.iterator_cf_opt(cf, prefix_bounded(prefix), mode) {
             let (k, v) = item.map_err(db_err)?;
             if !k.starts_with(prefix.as_bytes()) || out.len() >= limit {
                 break;
@@ -453,4 +479,18 @@ pub struct StateHash {
     pub records: u64,
     /// Hash of every key and value in key order.
     pub hash: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_ends_just_past_its_last_key() {
+        assert_eq!(prefix_end(b"workers/"), Some(b"workers0".to_vec()));
+        assert_eq!(prefix_end(b"~idem/"), Some(b"~idem0".to_vec()));
+        assert_eq!(prefix_end(&[b'a', 0xff, 0xff]), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(&[0xff]), None);
+        assert_eq!(prefix_end(b""), None);
+    }
 }

@@ -410,16 +410,17 @@ pub fn apply(state: &impl ReadState, request: &Request, index: u64) -> io::Resul
     Ok((writes, response))
 }
 
-/// Indexes of history each command forgets, ending at the one that just
-/// fell out of the window (see [`forget_history`]).
-pub const HISTORY_SWEEP: u64 = 4;
+/// The writes of a log entry that carries no command (a blank entry or a
+/// membership change): it forgets the history that left the window at its
+/// index, like every other entry.
+pub fn apply_without_command(index: u64) -> Vec<Write> {
+    forget_history(index)
+}
 
-/// Keeps `HISTORY_KEEP` indexes of history: deletes the records at the
-/// `HISTORY_SWEEP` indexes ending `HISTORY_KEEP` below `index`, by key,
-/// whether they exist or not. Every normal entry sweeps, so a record is
-/// forgotten unless all of those later indexes are blank or membership
-/// entries (a handful in a row at most; a record left behind is never
-/// served, watches start above the window).
+/// Keeps `HISTORY_KEEP` indexes of history: every log entry, with or without
+/// a command, deletes by key the record of the one index that leaves the
+/// window at it (`index - HISTORY_KEEP`), whether that record exists or not.
+/// The window is exact and each entry adds one deletion.
 ///
 /// Never a scan from the start of the prefix: that would walk the
 /// tombstones of every earlier deletion (until RocksDB compacts them) and,
@@ -427,10 +428,10 @@ pub const HISTORY_SWEEP: u64 = 4;
 /// more than the one before (measured: puts fell from ~1,900/s to ~100/s
 /// after some 30,000 writes; see bench/README.md).
 fn forget_history(index: u64) -> Vec<Write> {
-    let horizon = index.saturating_sub(HISTORY_KEEP);
-    (horizon.saturating_sub(HISTORY_SWEEP - 1).max(1)..=horizon)
-        .map(|h| Write::Delete(history_key(h)))
-        .collect()
+    match index.checked_sub(HISTORY_KEEP) {
+        Some(horizon) if horizon >= 1 => vec![Write::Delete(history_key(horizon))],
+        _ => Vec::new(),
+    }
 }
 
 fn internal_object<T: Serialize>(v: &T, index: u64) -> io::Result<Object> {

@@ -764,30 +764,40 @@ mod control_plane {
             3,
         );
         assert!(!s.contains_key(&history_key(3)));
-        // Far later, old history is pruned.
-        exec(&mut s, &req(0, kv_put("kv/z", "1")), HISTORY_KEEP + 2);
-        assert!(!s.contains_key(&history_key(1)) && s.contains_key(&history_key(HISTORY_KEEP + 2)));
+        // Far later, old history is pruned, one index per entry.
+        exec(&mut s, &req(0, kv_put("kv/z", "1")), HISTORY_KEEP + 1);
+        assert!(!s.contains_key(&history_key(1)) && s.contains_key(&history_key(HISTORY_KEEP + 1)));
+        assert!(s.contains_key(&history_key(2)), "the window keeps HISTORY_KEEP indexes");
     }
 
     #[test]
-    fn every_command_forgets_the_history_that_left_the_window_even_across_gaps() {
+    fn every_entry_forgets_the_one_index_that_left_the_window() {
         let mut s = HashMap::new();
         for i in [10, 11, 12, 20] {
             exec(&mut s, &req(0, kv_put("kv/a", "1")), i);
         }
-        // Indexes 10 + KEEP .. 12 + KEEP were blank entries (no command ran);
-        // a failed command three indexes later still sweeps them.
+        // A failed command forgets its index's horizon too.
         let fail = Command::Delete {
             key: "kv/missing".into(),
             expect: None,
         };
-        exec(&mut s, &req(0, fail), 13 + HISTORY_KEEP);
-        for i in [10, 11, 12] {
+        exec(&mut s, &req(0, fail), 10 + HISTORY_KEEP);
+        assert!(!s.contains_key(&history_key(10)));
+        assert!(s.contains_key(&history_key(11)), "only the horizon is forgotten");
+        // Entries without a command (blank, membership) forget theirs.
+        for i in [11, 12] {
+            for w in apply_without_command(i + HISTORY_KEEP) {
+                let Write::Delete(k) = w else {
+                    panic!("an entry without a command only deletes")
+                };
+                s.remove(&k);
+            }
             assert!(!s.contains_key(&history_key(i)), "history of {i} kept");
         }
         assert!(s.contains_key(&history_key(20)));
         assert!(forget_history(5).is_empty(), "nothing to forget early on");
-        assert_eq!(forget_history(HISTORY_KEEP + 9).len() as u64, HISTORY_SWEEP);
+        assert!(forget_history(HISTORY_KEEP).is_empty(), "history starts at index 1");
+        assert_eq!(forget_history(HISTORY_KEEP + 9), vec![Write::Delete(history_key(9))]);
     }
 }
 

@@ -1,0 +1,73 @@
+//! The watch history window on the real state machine: every log entry,
+//! blank ones included, forgets the one index that leaves the window.
+
+use std::sync::Arc;
+
+use keel_storage::NoHooks;
+use keel_storage::TypeConfig;
+use keel_storage::model::Command;
+use keel_storage::model::HISTORY_KEEP;
+use keel_storage::model::Request;
+use keel_storage::model::history_key;
+use keel_storage::types::Entry;
+use keel_storage::types::LogId;
+use openraft::entry::RaftEntry;
+use openraft::impls::leader_id_adv::LeaderId;
+use openraft::storage::RaftStateMachine;
+use tempfile::TempDir;
+
+fn entry(index: u64) -> Entry {
+    let log_id = LogId::new(LeaderId { term: 1, node_id: 1 }, index);
+    // Blank entries at two horizons whose records exist.
+    if index == HISTORY_KEEP + 2 || index == HISTORY_KEEP + 3 {
+        return Entry::new_blank(log_id);
+    }
+    Entry::new_normal(
+        log_id,
+        Request {
+            time_ms: 0,
+            idempotency_key: None,
+            command: Command::Put {
+                key: format!("kv/{index}"),
+                value: b"v".to_vec(),
+                expect: None,
+            },
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_window_is_exact_across_blank_entries() {
+    let td = TempDir::new().expect("temp dir");
+    let s = keel_storage::open(td.path(), "history", Arc::new(NoHooks))
+        .await
+        .expect("open storage");
+    let mut sm = s.state_machine;
+    let last = HISTORY_KEEP + 4;
+    let mut next = 1;
+    while next <= last {
+        let upto = (next + 999).min(last);
+        let batch: Vec<Result<_, std::io::Error>> = (next..=upto).map(|i| Ok((entry(i), None))).collect();
+        sm.apply(futures::stream::iter(batch)).await.expect("apply");
+        next = upto + 1;
+    }
+    let reader = sm.reader();
+    assert_eq!(reader.applied_index(), last);
+    // Indexes 1..=4 left the window at KEEP+1..=KEEP+4; two of those
+    // entries are blank and still forget theirs.
+    for i in 1..=4 {
+        assert!(reader.get(&history_key(i)).unwrap().is_none(), "history of {i} kept");
+    }
+    for i in [5, HISTORY_KEEP + 1, last] {
+        assert!(reader.get(&history_key(i)).unwrap().is_some(), "history of {i} missing");
+    }
+    assert!(
+        reader.get(&history_key(HISTORY_KEEP + 2)).unwrap().is_none(),
+        "a blank entry has no history"
+    );
+    // A scan of one prefix stops at it, whatever follows.
+    let found = reader.list("kv/1", 3).unwrap();
+    assert_eq!(found.len(), 3);
+    assert!(found.iter().all(|(k, _)| k.starts_with("kv/1")));
+    assert!(reader.list("kv/x", 10).unwrap().is_empty());
+}
