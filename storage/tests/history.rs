@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use keel_storage::NoHooks;
-use keel_storage::TypeConfig;
 use keel_storage::model::Command;
 use keel_storage::model::HISTORY_KEEP;
 use keel_storage::model::Request;
