@@ -294,7 +294,7 @@ impl Sampler {
                 self.leadership = Some(key);
             }
         }
-        let mem = m.membership_config.log_id().clone();
+        let mem = *m.membership_config.log_id();
         if self.membership.as_ref() != Some(&mem) {
             tracing::info!(
                 term = m.current_term,
@@ -526,7 +526,7 @@ mod tests {
         m.current_leader = Some(2);
         assert!(s.news(&m), "a new leader");
         s.on_metrics(1, &m, Instant::now());
-        m.snapshot = m.last_applied.clone();
+        m.snapshot = m.last_applied;
         assert!(s.news(&m), "a new snapshot");
     }
 
