@@ -226,6 +226,21 @@ impl EntryClock {
     }
 }
 
+/// The gauges that are plain numbers from the metrics (term, leader,
+/// indexes): cheap enough to set on every change, so they are never stale.
+fn set_indexes(m: &RaftMetrics) {
+    let g = metrics::get();
+    g.raft_term.set(m.current_term as i64);
+    g.raft_leader_id.set(m.current_leader.unwrap_or(0) as i64);
+    g.raft_last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
+    g.raft_commit_index
+        .set(m.local_committed.as_ref().map(|l| l.index).unwrap_or(0) as i64);
+    g.raft_last_applied_index
+        .set(m.last_applied.as_ref().map(|l| l.index).unwrap_or(0) as i64);
+    g.raft_snapshot_index
+        .set(m.snapshot.as_ref().map(|l| l.index).unwrap_or(0) as i64);
+}
+
 /// What the sampler remembers between samples.
 #[derive(Default)]
 struct Sampler {
@@ -256,15 +271,7 @@ impl Sampler {
                 .get_or_create(&RoleLabel { role })
                 .set(i64::from(role_name(m.state) == *role));
         }
-        g.raft_term.set(m.current_term as i64);
-        g.raft_leader_id.set(m.current_leader.unwrap_or(0) as i64);
-        g.raft_last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
-        g.raft_commit_index
-            .set(m.local_committed.as_ref().map(|l| l.index).unwrap_or(0) as i64);
-        g.raft_last_applied_index
-            .set(m.last_applied.as_ref().map(|l| l.index).unwrap_or(0) as i64);
-        g.raft_snapshot_index
-            .set(m.snapshot.as_ref().map(|l| l.index).unwrap_or(0) as i64);
+        set_indexes(m);
         let membership = m.membership_config.membership();
         let voters: Vec<u64> = membership.voter_ids().collect();
         let learners: Vec<u64> = membership.learner_ids().collect();
@@ -399,8 +406,9 @@ async fn run(cluster: Cluster) {
     let mut last_count: Option<Instant> = None;
     let mut sampler = Sampler::default();
     // openraft publishes metrics on every commit and apply, thousands of
-    // times a second under load. Changes that only move indexes are sampled
-    // at most every SAMPLE_EVERY (the last one always, once it is due).
+    // times a second under load. The index gauges follow every change; the
+    // rest (roles, per-peer lag) is sampled at most every SAMPLE_EVERY when
+    // nothing but indexes moved (the last change always, once it is due).
     let mut sampled: Option<Instant> = None;
     let mut deferred = false;
     loop {
@@ -418,6 +426,7 @@ async fn run(cluster: Cluster) {
         let now = Instant::now();
         let m = {
             let current = rx.borrow_watched();
+            set_indexes(&current);
             if !timer && !catch_up && !sampler.news(&current) && sampled.is_some_and(|t| now < t + SAMPLE_EVERY) {
                 deferred = true;
                 continue;
