@@ -2,20 +2,26 @@
 # A/B of keel builds (or settings) on single-client put latency and
 # 64-client put throughput, alternating A, B, A, B, ...
 #
-#   bench/put-ab.sh [ROUNDS] LABEL=KEEL_BINARY[:ENV=VALUE,...] LABEL=... 
+#   bench/put-ab.sh [ROUNDS] LABEL=KEEL_BINARY[:ENV=VALUE,...] LABEL=...
 #
 # e.g. bench/put-ab.sh 3 one=keel multi=keel:KEEL_WORKER_THREADS=0
+#
+# WORKLOAD=get (or stale-get, mixed, acquire), CLIENTS and CONNECTIONS
+# change the measured phase (default: put, 64 clients, one connection each).
 #
 # Per run: a fresh plaintext 3-node cluster on loopback (ports 25001-25103,
 # data in a new temporary directory), 2 s of 64-client puts to warm it, the
 # single-client put p50 against the leader (4 s) and against a follower
 # (4 s), then 64 clients over all three nodes for 8 s with the cluster's CPU
-# time (user + system, /proc/<pid>/stat) per put. The ENV settings go to
+# time (user + system, /proc/<pid>/stat) per operation. The ENV settings go to
 # `keel serve` only; the load generator is always the first binary named.
 # Every process it starts is stopped by pid; every wait is bounded.
 set -euo pipefail
 
 rounds=3
+workload=${WORKLOAD:-put}
+clients=${CLIENTS:-64}
+conns=${CONNECTIONS:-$clients}
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
     rounds=$1
     shift
@@ -70,16 +76,17 @@ run() {
     }
     local t0 t1 out
     t0=$(ticks)
-    out=$("$loadgen" bench --endpoints "$all" --workload put --clients 64 --duration 8 --json)
+    out=$("$loadgen" bench --endpoints "$all" --workload "$workload" --clients "$clients" \
+        --connections "$conns" --duration 8 --json)
     t1=$(ticks)
-    python3 - "$label" "$l1" "$f1" "$t0" "$t1" "$(getconf CLK_TCK)" "$out" <<'EOF'
+    python3 - "$label" "$l1" "$f1" "$t0" "$t1" "$(getconf CLK_TCK)" "$out" "$workload $clients/$conns" <<'EOF'
 import json, sys
-label, l1, f1, t0, t1, hz, out = sys.argv[1:]
+label, l1, f1, t0, t1, hz, out, what = sys.argv[1:]
 r = json.loads(out)
 cpu = (int(t1) - int(t0)) / int(hz) * 1e6 / r["ops"]
 print(f"{label}: put 1 client p50 {float(l1):.3f} ms (leader) {float(f1):.3f} ms (follower) | "
-      f"put 64: {r['throughput']:.0f} ops/s, p50 {r['latency_ms']['p50']:.2f} ms, "
-      f"{r['errors']} errors, cluster CPU {cpu:.0f} us per put")
+      f"{what}: {r['throughput']:.0f} ops/s, p50 {r['latency_ms']['p50']:.2f} ms, "
+      f"{r['errors']} errors, cluster CPU {cpu:.0f} us per op")
 EOF
     stop
 }
