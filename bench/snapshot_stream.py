@@ -237,6 +237,14 @@ def main():
         snap_file = max(f for f in os.listdir(snap_dir) if f.endswith(".snap"))
         result["snapshot_file_bytes"] = os.path.getsize(os.path.join(snap_dir, snap_file))
         print(f"snapshot built in {result['build_s']} s: {snap}, file {result['snapshot_file_bytes']} bytes", flush=True)
+        # Either node may lead after the restart below, so both build a
+        # snapshot and purge their logs (openraft purges after the build,
+        # asynchronously); otherwise node 3 could catch up from a log.
+        other = 3 - leader
+        st, other_snap = admin.call(nodes[other].api, "POST", "/admin/snapshot")
+        assert st == 200, other_snap
+        for i, upto in ((leader, snap["snapshot"]["index"]), (other, other_snap["snapshot"]["index"])):
+            wait(lambda: client.call(nodes[i].api, "GET", "/status")[1]["purged_index"] >= upto, f"node {i}'s log purge", timeout=120)
 
         # Fresh processes for the sender side, so VmHWM covers only what follows.
         nodes[1].stop()
