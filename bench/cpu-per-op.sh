@@ -13,6 +13,8 @@
 # instead. Every process it starts is stopped
 # by pid before it exits.
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 keel=${1:?usage: bench/cpu-per-op.sh KEEL_BINARY [CLIENTS [CONNECTIONS [SECONDS]]]}
 clients=${2:-64}
@@ -36,14 +38,7 @@ for i in 1 2 3; do
     pids+=("$!")
 done
 
-leader=""
-for _ in $(seq 1 300); do
-    leader=$(curl -sf --max-time 1 127.0.0.1:24001/status |
-        python3 -c 'import json,sys; print(json.load(sys.stdin).get("leader_id") or "")' 2>/dev/null || true)
-    [[ -n "$leader" ]] && break
-    sleep 0.2
-done
-[[ -n "$leader" ]] || { echo "no leader after 60 s" >&2; exit 1; }
+leader=$(wait_leader 24001)
 leader_pid=${pids[$((leader - 1))]}
 profiled_pid=$leader_pid
 if [[ "${PERF:-}" == follower ]]; then

@@ -17,6 +17,8 @@
 # `keel serve` only; the load generator is always the first binary named.
 # Every process it starts is stopped by pid; every wait is bounded.
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 rounds=3
 workload=${WORKLOAD:-put}
@@ -56,14 +58,8 @@ run() {
             --initial-members "$members" --log-level warn >"$dir/n$i.log" 2>&1 &
         pids+=("$!")
     done
-    local leader=""
-    for _ in $(seq 1 300); do
-        leader=$(curl -sf --max-time 1 127.0.0.1:25001/status |
-            python3 -c 'import json,sys; print(json.load(sys.stdin).get("leader_id") or "")' 2>/dev/null || true)
-        [[ -n "$leader" ]] && break
-        sleep 0.2
-    done
-    [[ -n "$leader" ]] || { echo "no leader after 60 s" >&2; exit 1; }
+    local leader
+    leader=$(wait_leader 25001)
     local follower=$((leader % 3 + 1))
     "$loadgen" bench --endpoints "$all" --workload put --clients 64 --duration 2 >/dev/null
     local l1 f1
