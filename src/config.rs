@@ -462,6 +462,16 @@ mod tests {
     }
 
     #[test]
+    fn one_event_loop_thread_unless_configured() {
+        assert_eq!(Config::merge(&base(), FileConfig::default()).unwrap().worker_threads, 1);
+        let file: FileConfig = toml::from_str("worker_threads = 0\n").unwrap();
+        assert_eq!(Config::merge(&base(), file.clone()).unwrap().worker_threads, 0);
+        let mut a = base();
+        a.worker_threads = Some(4);
+        assert_eq!(Config::merge(&a, file).unwrap().worker_threads, 4);
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let err = toml::from_str::<FileConfig>("node_id = 1\nnode_idd = 2\n").unwrap_err();
         assert!(err.to_string().contains("node_idd"), "{err}");

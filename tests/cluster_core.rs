@@ -183,7 +183,9 @@ async fn assert_all_present(c: &TestCluster, node: u64, acked: &BTreeMap<String,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_kill_during_writes_loses_no_acknowledged_write() {
-    let c = Arc::new(TestCluster::start(3));
+    // On tokio's multi-threaded runtime (a node's default is one thread):
+    // this test keeps `worker_threads = 0` covered under load and failover.
+    let c = Arc::new(TestCluster::start_with(3, &["--worker-threads=0"]));
     let old = c.wait_leader().await;
     let followers: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
     let old_term = c.status(old).await.unwrap().term;
