@@ -394,6 +394,10 @@ impl Config {
                 key: pick(&a.tls_key, f.tls.key, "key")?,
             })
         };
+        let worker_threads = a.worker_threads.or(f.worker_threads).unwrap_or(1);
+        if worker_threads > 1024 {
+            bail!("worker_threads = {worker_threads}: at most 1024 (0 = one per CPU)");
+        }
         let log_format = a.log_format.clone().or(f.log_format).unwrap_or_else(|| "text".into());
         let log_json = match log_format.as_str() {
             "text" => false,
@@ -415,7 +419,7 @@ impl Config {
             request_timeout: Duration::from_millis(a.request_timeout_ms.or(f.request_timeout_ms).unwrap_or(5000)),
             log_json,
             log_level: a.log_level.clone().or(f.log_level).unwrap_or_else(|| "info".into()),
-            worker_threads: a.worker_threads.or(f.worker_threads).unwrap_or(1),
+            worker_threads,
             heartbeat_ms,
             election_timeout_ms: (emin, emax),
             snapshot_every,
@@ -468,7 +472,10 @@ mod tests {
         assert_eq!(Config::merge(&base(), file.clone()).unwrap().worker_threads, 0);
         let mut a = base();
         a.worker_threads = Some(4);
-        assert_eq!(Config::merge(&a, file).unwrap().worker_threads, 4);
+        assert_eq!(Config::merge(&a, file.clone()).unwrap().worker_threads, 4);
+        a.worker_threads = Some(100_000);
+        let err = Config::merge(&a, file).unwrap_err().to_string();
+        assert!(err.contains("worker_threads") && err.contains("1024"), "{err}");
     }
 
     #[test]
