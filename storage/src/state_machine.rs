@@ -185,14 +185,18 @@ impl ReadState for DbView<'_> {
     }
 
     fn scan(&self, prefix: &str, limit: usize) -> io::Result<Vec<(String, Object)>> {
+        self.scan_from(prefix, prefix, limit)
+    }
+}
+
+impl DbView<'_> {
+    /// Up to `limit` objects with keys in `[start, ..)` that start with `prefix`.
+    fn scan_from(&self, start: &str, prefix: &str, limit: usize) -> io::Result<Vec<(String, Object)>> {
         let cf = self.0.cf_handle(CF_DATA).expect("data column family");
+        let from = if start > prefix { start } else { prefix };
+        let mode = IteratorMode::From(from.as_bytes(), rocksdb::Direction::Forward);
         let mut out = Vec::new();
-        let iter = self.0.iterator_cf_opt(
-            cf,
-            prefix_bounded(prefix),
-            IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward),
-        );
-        for item in iter {
+        for item in self.0.iterator_cf_opt(cf, prefix_bounded(prefix), mode) {
             let (k, v) = item.map_err(db_err)?;
             if !k.starts_with(prefix.as_bytes()) || out.len() >= limit {
                 break;
@@ -398,20 +402,7 @@ impl StateReader {
 
     /// Up to `limit` objects with keys in `[start, ..)` that start with `prefix`.
     pub fn scan_from(&self, start: &str, prefix: &str, limit: usize) -> io::Result<Vec<(String, Object)>> {
-        let db = self.shared.db();
-        let cf = db.cf_handle(CF_DATA).expect("data column family");
-        let mut out = Vec::new();
-        let from = if start > prefix { start } else { prefix };
-        let mode = IteratorMode::From(from.as_bytes(), rocksdb::Direction::Forward);
-        for item in db.iterator_cf_opt(cf, prefix_bounded(prefix), mode) {
-            let (k, v) = item.map_err(db_err)?;
-            if !k.starts_with(prefix.as_bytes()) || out.len() >= limit {
-                break;
-            }
-            let key = String::from_utf8(k.to_vec()).map_err(|_| crate::codec::corrupt("key", "not UTF-8"))?;
-            out.push((key, decode(&v, "object")?));
-        }
-        Ok(out)
+        DbView(&self.shared.db()).scan_from(start, prefix, limit)
     }
 
     /// Last applied log index (0 before anything was applied).
