@@ -45,17 +45,9 @@ if [[ "${PERF:-}" == follower ]]; then
     profiled_pid=${pids[$((leader % 3))]}
 fi
 
-cpu_ticks() {
-    local t=0
-    for p in "${pids[@]}"; do
-        t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
-    done
-    echo "$t"
-}
-
 "$keel" bench --endpoints "$endpoints" --workload put --clients "$clients" --connections "$conns" \
     --duration 3 >/dev/null
-t0=$(cpu_ticks)
+t0=$(cpu_ticks "${pids[@]}")
 perf_pid=""
 if [[ -n "${PERF:-}" ]]; then
     perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$profiled_pid" -o "$dir/perf.data" \
@@ -64,7 +56,7 @@ if [[ -n "${PERF:-}" ]]; then
 fi
 "$keel" bench --endpoints "$endpoints" --workload put --clients "$clients" --connections "$conns" \
     --duration "$secs" --json >"$dir/bench.json"
-t1=$(cpu_ticks)
+t1=$(cpu_ticks "${pids[@]}")
 [[ -n "$perf_pid" ]] && wait "$perf_pid"
 hz=$(getconf CLK_TCK)
 python3 - "$dir/bench.json" "$t0" "$t1" "$hz" "$clients" "$conns" <<'EOF'

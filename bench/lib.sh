@@ -16,3 +16,12 @@ wait_leader() {
     echo "no leader after 60 s" >&2
     return 1
 }
+
+# Prints the CPU time (user + system, in clock ticks) the given pids used.
+cpu_ticks() {
+    local t=0 p
+    for p in "$@"; do
+        t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    done
+    echo "$t"
+}

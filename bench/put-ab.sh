@@ -65,16 +65,11 @@ run() {
     local l1 f1
     l1=$("$loadgen" bench --endpoints "http://127.0.0.1:2500$leader" --workload put --clients 1 --duration 4 --json | p50)
     f1=$("$loadgen" bench --endpoints "http://127.0.0.1:2500$follower" --workload put --clients 1 --duration 4 --json | p50)
-    ticks() {
-        local t=0
-        for p in "${pids[@]}"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
-        echo "$t"
-    }
     local t0 t1 out
-    t0=$(ticks)
+    t0=$(cpu_ticks "${pids[@]}")
     out=$("$loadgen" bench --endpoints "$all" --workload "$workload" --clients "$clients" \
         --connections "$conns" --duration 8 --json)
-    t1=$(ticks)
+    t1=$(cpu_ticks "${pids[@]}")
     python3 - "$label" "$l1" "$f1" "$t0" "$t1" "$(getconf CLK_TCK)" "$out" "$workload $clients/$conns" <<'EOF'
 import json, sys
 label, l1, f1, t0, t1, hz, out, what = sys.argv[1:]
