@@ -5,7 +5,8 @@
 set -euo pipefail
 
 need=()
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+# libclang itself, not libclang-cpp (which some images carry without it).
+if ! ls /usr/lib/llvm-*/lib/libclang.so /usr/lib/x86_64-linux-gnu/libclang.so >/dev/null 2>&1; then
   need+=(libclang-dev)
 fi
 command -v g++ >/dev/null 2>&1 || need+=(g++)
