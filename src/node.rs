@@ -89,7 +89,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.node_id,
         Arc::new(raft_config(&config)?),
         NetworkFactory::new(pool.clone()).with_purged(purged),
-        storage.log,
+        storage.log.with_local_node(config.node_id),
         storage.state_machine,
     )
     .await

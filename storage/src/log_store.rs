@@ -3,8 +3,15 @@
 //! Durability contract with openraft: `save_vote`, `truncate_after` and `purge`
 //! return only after a synced write; `append` writes its entries before it
 //! returns (so they are readable) and reports them flushed only after an
-//! fsync of the WAL. Appends are group-committed: a dedicated thread drains
-//! every pending flush request and covers them all with one `flush_wal(true)`.
+//! fsync of the WAL. A leader's own appends are group-committed: a dedicated
+//! thread drains every pending flush request and covers them all with one
+//! `flush_wal(true)`, while replication runs in parallel. Entries another
+//! leader created reach this log by replication; this node must sync them
+//! before it answers that leader anyway, so when appends arrive one at a
+//! time (none in the last [`IDLE_BEFORE_INLINE_SYNC`], no group commit
+//! pending) `append` syncs them itself: two thread hand-offs fewer on a
+//! quiet follower. Under load the follower keeps group-committing, so its
+//! event loop goes on reading the next appends while the fsync runs.
 
 use std::fmt::Debug;
 use std::io;
@@ -23,6 +30,7 @@ use openraft::RaftLogReader;
 use openraft::entry::RaftEntry;
 use openraft::storage::IOFlushed;
 use openraft::storage::RaftLogStorage;
+use openraft::vote::RaftLeaderId;
 use rocksdb::ColumnFamily;
 use rocksdb::ColumnFamilyDescriptor;
 use rocksdb::DB;
@@ -57,7 +65,22 @@ pub struct LogStore {
     flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
     hooks: Arc<dyn StorageHooks>,
     purged: Purged,
+    /// Flush requests handed to the group-commit thread and not completed.
+    pending: Arc<AtomicU64>,
+    /// This node's id, once known: entries created by another leader are
+    /// synced in `append` itself while appends arrive one at a time.
+    local: Option<u64>,
+    /// When the previous append arrived, in microseconds since `epoch`.
+    last_append_us: Arc<AtomicU64>,
+    epoch: Instant,
 }
+
+/// A follower syncs an append itself only if the previous one arrived at
+/// least this long before. A single writer's appends come about one round
+/// trip apart (near a millisecond); under load they come much closer, and
+/// syncing each on the event loop would serialize the fsyncs that group
+/// commit merges (measured in bench/README.md, change 12).
+pub const IDLE_BEFORE_INLINE_SYNC: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// The index of the last purged entry, shared with the replication client,
 /// which must not ask for entries that are gone, without a database read.
@@ -95,19 +118,35 @@ impl LogStore {
         // static destructors.
         let flush_db = Arc::downgrade(&db);
         let flush_hooks = hooks.clone();
+        let pending = Arc::new(AtomicU64::new(0));
+        let flush_pending = pending.clone();
         std::thread::Builder::new()
             .name("keel-log-fsync".into())
-            .spawn(move || group_commit(flush_db, rx, flush_hooks))?;
+            .spawn(move || group_commit(flush_db, rx, flush_hooks, flush_pending))?;
         let store = Self {
             db,
             flusher: tx,
             hooks,
             purged: Purged::default(),
+            pending,
+            local: None,
+            last_append_us: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
         };
         if let Some(last) = store.get_meta::<LogId>(KEY_PURGED)? {
             store.purged.raise(last.index);
         }
         Ok(store)
+    }
+
+    /// Tells the log which node it belongs to. From then on, entries that
+    /// another leader created (this node follows) are synced before `append`
+    /// returns, unless a group commit is still pending; entries this node
+    /// created as leader keep going through the group-commit thread, so its
+    /// fsync overlaps replication.
+    pub fn with_local_node(mut self, node_id: u64) -> Self {
+        self.local = Some(node_id);
+        self
     }
 
     /// Where the log's purged prefix ends, kept current as entries are purged.
@@ -207,7 +246,12 @@ impl LogStore {
 
 /// The group-commit loop: waits for a flush request, takes every other one
 /// queued behind it, fsyncs the WAL once, then completes them all.
-fn group_commit(db: std::sync::Weak<DB>, rx: mpsc::Receiver<IOFlushed<TypeConfig>>, hooks: Arc<dyn StorageHooks>) {
+fn group_commit(
+    db: std::sync::Weak<DB>,
+    rx: mpsc::Receiver<IOFlushed<TypeConfig>>,
+    hooks: Arc<dyn StorageHooks>,
+    pending: Arc<AtomicU64>,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
@@ -219,12 +263,16 @@ fn group_commit(db: std::sync::Weak<DB>, rx: mpsc::Receiver<IOFlushed<TypeConfig
         };
         hooks.fsync(start.elapsed());
         hooks.append_batch(batch.len());
+        let done = batch.len() as u64;
         for cb in batch {
             cb.io_completed(res.clone().map_err(|e| match e {
                 Some(e) => db_err(e),
                 None => io::Error::other("the log database is closed"),
             }));
         }
+        // After the callbacks: an inline sync in `append` must not complete a
+        // later append before these are reported.
+        pending.fetch_sub(done, Ordering::AcqRel);
     }
 }
 
@@ -289,15 +337,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut b = WriteBatch::default();
+        let mut replicated = false;
         for e in entries {
+            replicated |= self.local.is_some_and(|me| *e.log_id().leader_id.node_id() != me);
             b.put_cf(self.cf(CF_LOGS), index_key(e.index()), encode(&e)?);
+        }
+        let now_us = self.epoch.elapsed().as_micros() as u64 + IDLE_BEFORE_INLINE_SYNC.as_micros() as u64;
+        let previous = self.last_append_us.swap(now_us, Ordering::AcqRel);
+        let quiet = now_us.saturating_sub(previous) >= IDLE_BEFORE_INLINE_SYNC.as_micros() as u64;
+        // Callbacks complete in order: the inline sync is taken only when no
+        // group commit is outstanding.
+        if replicated && quiet && self.pending.load(Ordering::Acquire) == 0 {
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            let start = Instant::now();
+            self.db.write_opt(b, &wo).map_err(db_err)?;
+            self.hooks.fsync(start.elapsed());
+            self.hooks.append_batch(1);
+            callback.io_completed(Ok(()));
+            return Ok(());
         }
         // Written (readable) now; durable once the group-commit thread has
         // fsynced the WAL and completed the callback.
         self.db.write(b).map_err(db_err)?;
-        self.flusher
-            .send(callback)
-            .map_err(|_| io::Error::other("log fsync thread has stopped"))
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        self.flusher.send(callback).map_err(|_| {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            io::Error::other("log fsync thread has stopped")
+        })
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {

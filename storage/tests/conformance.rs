@@ -47,3 +47,73 @@ async fn the_purge_mark_follows_purges_and_survives_a_restart() {
     let log = LogStore::open(&dir, Arc::new(NoHooks)).expect("reopen the log");
     assert_eq!(log.purged().last(), Some(7));
 }
+
+/// The same suite with the log told its node id (999, a leader the suite
+/// never names): every entry the suite appends then comes from another
+/// leader, so the follower's path, which syncs inside `append`, is checked.
+struct FollowerBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for FollowerBuilder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError<TypeConfig>> {
+        let (td, log, sm) = Builder.build().await?;
+        Ok((td, log.with_local_node(999), sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_suite_passes_for_a_follower() {
+    Suite::test_all(FollowerBuilder)
+        .await
+        .expect("storage conformance suite");
+}
+
+/// An entry another leader created is reported flushed before `append`
+/// returns; one this node created is reported by the group-commit thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_append_is_flushed_when_it_returns() {
+    use openraft::entry::RaftEntry;
+    use openraft::impls::leader_id_adv::LeaderId;
+    use openraft::storage::IOFlushed;
+    use openraft::storage::RaftLogStorage;
+    use openraft::testing::blank_ent;
+    use openraft::type_config::TypeConfigExt;
+
+    let td = TempDir::new().expect("temp dir");
+    let mut log = LogStore::open(&td.path().join("log"), Arc::new(NoHooks))
+        .expect("open the log")
+        .with_local_node(1);
+    let entry = |leader: u64, index: u64| {
+        let e: keel_storage::types::Entry = blank_ent::<TypeConfig>(1, leader, index);
+        assert_eq!(
+            e.log_id().leader_id,
+            LeaderId {
+                term: 1,
+                node_id: leader
+            }
+        );
+        e
+    };
+
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append([entry(2, 1), entry(2, 2)], IOFlushed::signal(tx))
+        .await
+        .expect("append");
+    // A zero timeout still polls the receiver once: it must be ready now.
+    let now = tokio::time::timeout(std::time::Duration::ZERO, rx).await;
+    assert!(
+        matches!(now, Ok(Ok(Ok(())))),
+        "entries from leader 2 are synced before append returns: {now:?}"
+    );
+
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append([entry(1, 3)], IOFlushed::signal(tx)).await.expect("append");
+    let flushed = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
+        .await
+        .expect("the group-commit thread reports the flush");
+    assert!(matches!(flushed, Ok(Ok(()))), "own entry flushed: {flushed:?}");
+
+    let mut reader = log.get_log_reader().await;
+    use openraft::RaftLogReader;
+    let read = reader.try_get_log_entries(1..4).await.expect("read back");
+    assert_eq!(read.iter().map(|e| e.index()).collect::<Vec<_>>(), vec![1, 2, 3]);
+}
