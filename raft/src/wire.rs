@@ -57,10 +57,34 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 
 /// Encodes a message.
 pub fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+    encode_into(&mut out, v)?;
+    Ok(out)
+}
+
+/// A first guess at an encoded message's size: a replication frame of a
+/// few writes fits without growing the buffer.
+const ENCODE_CAPACITY: usize = 1024;
+
+/// Appends the encoding of `v` to `out`, in one pass: bincode's own
+/// `serialize` walks the value twice, once to size the buffer and to check
+/// the limit, once to write it. The limit is checked on the result instead.
+fn encode_into<T: Serialize>(out: &mut Vec<u8>, v: &T) -> io::Result<()> {
     use bincode::Options;
-    options()
-        .serialize(v)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    let start = out.len();
+    bincode::DefaultOptions::new()
+        .serialize_into(&mut *out, v)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if out.len() - start > MAX_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "message of {} bytes exceeds the {MAX_MESSAGE}-byte limit",
+                out.len() - start
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Varint integers, little endian, no trailing bytes, bounded allocations.
@@ -79,10 +103,11 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
 
 /// Encodes `v` as one frame of a framed stream: `u32 LE length ++ bincode`.
 pub fn frame<T: Serialize>(v: &T) -> io::Result<bytes::Bytes> {
-    let body = encode(v)?;
-    let mut out = Vec::with_capacity(body.len() + 4);
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+    out.extend_from_slice(&[0; 4]);
+    encode_into(&mut out, v)?;
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_le_bytes());
     Ok(out.into())
 }
 
@@ -282,6 +307,24 @@ mod tests {
         let mut r = FrameReader::default();
         r.push(&u32::MAX.to_le_bytes());
         assert!(r.next_message::<u64>().is_err(), "oversized frame must be refused");
+    }
+
+    #[test]
+    fn one_pass_encoding_matches_bincode() {
+        // The format is what peers of other versions decode: it must not
+        // move when the encoder does.
+        use bincode::Options;
+        let reference = |v: &(u64, String, Vec<u8>)| bincode::DefaultOptions::new().serialize(v).unwrap();
+        for n in [0, 1, 300, ENCODE_CAPACITY, 10 * ENCODE_CAPACITY + 3] {
+            let v = (n as u64 * 1_000_003, "k".repeat(n % 17), vec![7u8; n]);
+            let want = reference(&v);
+            assert_eq!(encode(&v).unwrap(), want);
+            let f = frame(&v).unwrap();
+            assert_eq!(&f[..4], &(want.len() as u32).to_le_bytes());
+            assert_eq!(&f[4..], &want[..]);
+        }
+        let over = encode(&vec![0u8; MAX_MESSAGE]).unwrap_err();
+        assert!(over.to_string().contains("exceeds"), "{over}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -73,6 +74,9 @@ pub struct LogStore {
     /// When the previous append arrived, in microseconds since `epoch`.
     last_append_us: Arc<AtomicU64>,
     epoch: Instant,
+    /// The newest commit index openraft reported and no write has carried
+    /// yet: it rides in the next append's batch instead of a write of its own.
+    committed: Arc<Mutex<Option<LogId>>>,
 }
 
 /// A follower syncs an append itself only if the previous one arrived at
@@ -132,6 +136,7 @@ impl LogStore {
             local: None,
             last_append_us: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
+            committed: Arc::new(Mutex::new(None)),
         };
         if let Some(last) = store.get_meta::<LogId>(KEY_PURGED)? {
             store.purged.raise(last.index);
@@ -318,17 +323,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Not synced: losing it on a machine crash only means re-learning the
-        // commit index from the leader. It lets a restarted node re-apply what
-        // it knows to be committed without waiting for a leader.
+        // Kept in memory and written with the next append, not on its own:
+        // a commit advance would otherwise cost a database write (a WAL
+        // record and a syscall) on every node, on the leader between the
+        // quorum's answer and the apply. The stored value may lag by one
+        // append, or be lost with a crash: either only means re-learning the
+        // commit index from the leader. It lets a restarted node re-apply
+        // what it knew to be committed without waiting for a leader.
         let Some(c) = committed else { return Ok(()) };
-        self.db
-            .put_cf(self.cf(CF_META), KEY_COMMITTED, encode(&c)?)
-            .map_err(db_err)
+        let mut pending = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.is_none_or(|p| p < c) {
+            *pending = Some(c);
+        }
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        self.get_meta(KEY_COMMITTED)
+        let pending = *self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        let stored: Option<LogId> = self.get_meta(KEY_COMMITTED)?;
+        Ok(pending.max(stored))
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
@@ -341,6 +354,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             replicated |= self.local.is_some_and(|me| *e.log_id().leader_id.node_id() != me);
             b.put_cf(self.cf(CF_LOGS), index_key(e.index()), encode(&e)?);
+        }
+        // Every committed entry is already in the log, so the batch that
+        // carries the commit index never makes it point past the log's end.
+        if let Some(c) = self.committed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            b.put_cf(self.cf(CF_META), KEY_COMMITTED, encode(&c)?);
         }
         let now_us = self.epoch.elapsed().as_micros() as u64 + IDLE_BEFORE_INLINE_SYNC.as_micros() as u64;
         let previous = self.last_append_us.swap(now_us, Ordering::AcqRel);

@@ -117,3 +117,53 @@ async fn a_followers_append_is_flushed_when_it_returns() {
     let read = reader.try_get_log_entries(1..4).await.expect("read back");
     assert_eq!(read.iter().map(|e| e.index()).collect::<Vec<_>>(), vec![1, 2, 3]);
 }
+
+/// The commit index is written with the next append, not on its own: read
+/// back at once it is the newest, and after a restart it is the newest one
+/// an append carried (never one past the log's end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commit_index_rides_with_the_next_append() {
+    use openraft::impls::leader_id_adv::LeaderId;
+    use openraft::storage::IOFlushed;
+    use openraft::storage::RaftLogStorage;
+    use openraft::testing::blank_ent;
+    use openraft::type_config::TypeConfigExt;
+
+    let td = TempDir::new().expect("temp dir");
+    let dir = td.path().join("log");
+    let id = |index: u64| keel_storage::types::LogId::new(LeaderId { term: 1, node_id: 1 }, index);
+    let mut log = LogStore::open(&dir, Arc::new(NoHooks)).expect("open the log");
+    let append = async |log: &mut LogStore, index: u64| {
+        let (tx, rx) = TypeConfig::oneshot();
+        log.append([blank_ent::<TypeConfig>(1, 1, index)], IOFlushed::signal(tx))
+            .await
+            .expect("append");
+        let flushed = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
+            .await
+            .expect("the group-commit thread reports the flush");
+        assert!(matches!(flushed, Ok(Ok(()))), "flushed: {flushed:?}");
+    };
+    append(&mut log, 1).await;
+    append(&mut log, 2).await;
+    log.save_committed(Some(id(1))).await.expect("save committed");
+    log.save_committed(Some(id(2))).await.expect("save committed");
+    log.save_committed(Some(id(1)))
+        .await
+        .expect("an older commit index is ignored");
+    assert_eq!(log.read_committed().await.expect("read"), Some(id(2)));
+    drop(log);
+
+    let mut log = LogStore::open(&dir, Arc::new(NoHooks)).expect("reopen the log");
+    assert_eq!(
+        log.read_committed().await.expect("read"),
+        None,
+        "no append carried the commit index yet"
+    );
+    log.save_committed(Some(id(2))).await.expect("save committed");
+    append(&mut log, 3).await;
+    log.save_committed(Some(id(3))).await.expect("save committed");
+    drop(log);
+
+    let mut log = LogStore::open(&dir, Arc::new(NoHooks)).expect("reopen the log");
+    assert_eq!(log.read_committed().await.expect("read"), Some(id(2)));
+}

@@ -960,3 +960,76 @@ fn deeply_nested_transactions_are_a_decoding_error_not_a_stack_overflow() {
     let err = bincode::deserialize::<Response>(&bincode::serialize(&deeper).unwrap()).unwrap_err();
     assert!(err.to_string().contains("nested more than"), "{err}");
 }
+
+#[test]
+fn byte_string_fields_keep_their_encodings() {
+    // What `Object` and `Command::Put` were before their values became byte
+    // strings: stored objects, log entries and peer messages written by
+    // earlier versions must decode, and ours must be the same bytes.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct PlainObject {
+        value: Vec<u8>,
+        revision: u64,
+        create_revision: u64,
+        version: u64,
+    }
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum PlainCommand {
+        Put {
+            key: String,
+            value: Vec<u8>,
+            expect: Option<Expect>,
+        },
+    }
+    use bincode::Options;
+    let varint = || bincode::DefaultOptions::new();
+    for n in [0usize, 1, 250, 251, 256, 70_000] {
+        let value: Vec<u8> = (0..n).map(|i| (i * 7) as u8).collect();
+        let o = Object {
+            value: value.clone(),
+            revision: 9,
+            create_revision: 2,
+            version: 3,
+        };
+        let p = PlainObject {
+            value: value.clone(),
+            revision: 9,
+            create_revision: 2,
+            version: 3,
+        };
+        assert_eq!(bincode::serialize(&o).unwrap(), bincode::serialize(&p).unwrap());
+        assert_eq!(varint().serialize(&o).unwrap(), varint().serialize(&p).unwrap());
+        assert_eq!(
+            bincode::deserialize::<Object>(&bincode::serialize(&p).unwrap()).unwrap(),
+            o
+        );
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::to_string(&o).unwrap(), json);
+        assert_eq!(serde_json::from_str::<Object>(&json).unwrap(), o);
+
+        let c = Command::Put {
+            key: "kv/k".into(),
+            value: value.clone(),
+            expect: Some(Expect::Present),
+        };
+        let pc = PlainCommand::Put {
+            key: "kv/k".into(),
+            value,
+            expect: Some(Expect::Present),
+        };
+        let old = varint().serialize(&pc).unwrap();
+        assert_eq!(varint().serialize(&c).unwrap(), old);
+        assert_eq!(varint().deserialize::<Command>(&old).unwrap(), c);
+        assert_eq!(serde_json::to_string(&c).unwrap(), serde_json::to_string(&pc).unwrap());
+    }
+    // A length claiming more bytes than there are is an error, not an allocation.
+    let mut short = bincode::serialize(&PlainObject {
+        value: vec![1; 8],
+        revision: 1,
+        create_revision: 1,
+        version: 1,
+    })
+    .unwrap();
+    short[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(bincode::deserialize::<Object>(&short).is_err());
+}
