@@ -12,7 +12,12 @@
 //! pending) `append` syncs them itself: two thread hand-offs fewer on a
 //! quiet follower. Under load the follower keeps group-committing, so its
 //! event loop goes on reading the next appends while the fsync runs.
+//!
+//! The newest entries also stay in memory for the readers right behind the
+//! appends (replication and the apply), and the commit index openraft
+//! reports is written with the next append rather than on its own.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
 use std::ops::Bound;
@@ -77,6 +82,94 @@ pub struct LogStore {
     /// The newest commit index openraft reported and no write has carried
     /// yet: it rides in the next append's batch instead of a write of its own.
     committed: Arc<Mutex<Option<LogId>>>,
+    /// The newest entries, for the readers that follow right behind the
+    /// appends (see [`Recent`]).
+    recent: Arc<Mutex<Recent>>,
+}
+
+/// The most recently appended entries, a contiguous run of indexes ending at
+/// the log's last entry. Replication to every follower and the apply read
+/// each new entry back soon after it is appended; from RocksDB every read is
+/// an iterator, a checksum and a decode. An entry enters after its write
+/// succeeded and leaves before a truncation or purge deletes it, so whatever
+/// the run holds is what the database holds at that index; a range it does
+/// not cover whole is read from the database, as before.
+#[derive(Default)]
+struct Recent {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+/// At most this many entries stay in [`Recent`]...
+const RECENT_ENTRIES: usize = 4096;
+/// ...and at most this many bytes of them (encoded size).
+const RECENT_BYTES: usize = 8 << 20;
+
+impl Recent {
+    fn first(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.index())
+    }
+
+    fn last(&self) -> Option<u64> {
+        self.entries.back().map(|(e, _)| e.index())
+    }
+
+    /// Adds entries just written; a gap or an overlap with what is held
+    /// (which a truncation should already have removed) restarts the run.
+    fn push(&mut self, written: Vec<(Entry, usize)>) {
+        for (e, size) in written {
+            if self.last().is_some_and(|l| l + 1 != e.index()) {
+                self.clear();
+            }
+            self.bytes += size;
+            self.entries.push_back((e, size));
+        }
+        while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
+            let Some((_, size)) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= size;
+        }
+    }
+
+    /// Forgets entries at `from` and after.
+    fn truncate(&mut self, from: u64) {
+        while self.last().is_some_and(|l| l >= from) {
+            let (_, size) = self.entries.pop_back().expect("a last entry");
+            self.bytes -= size;
+        }
+    }
+
+    /// Forgets entries up to and including `upto`.
+    fn purge(&mut self, upto: u64) {
+        while self.first().is_some_and(|f| f <= upto) {
+            let (_, size) = self.entries.pop_front().expect("a first entry");
+            self.bytes -= size;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Entries `start..end` if the run holds every one of them.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        let first = self.first()?;
+        if start < first || start >= end || end > self.last()? + 1 {
+            return None;
+        }
+        let skip = (start - first) as usize;
+        let take = (end - start) as usize;
+        Some(
+            self.entries
+                .iter()
+                .skip(skip)
+                .take(take)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
 }
 
 /// A follower syncs an append itself only if the previous one arrived at
@@ -137,6 +230,7 @@ impl LogStore {
             last_append_us: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
             committed: Arc::new(Mutex::new(None)),
+            recent: Arc::default(),
         };
         if let Some(last) = store.get_meta::<LogId>(KEY_PURGED)? {
             store.purged.raise(last.index);
@@ -214,12 +308,26 @@ impl LogStore {
         Ok(no_entry && self.stored_vote()?.is_none() && self.get_meta::<LogId>(KEY_PURGED)?.is_none())
     }
 
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn read_range<RB: RangeBounds<u64>>(&self, range: RB) -> io::Result<Vec<Entry>> {
         let start = match range.start_bound() {
             Bound::Included(x) => *x,
             Bound::Excluded(x) => x.saturating_add(1),
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(x) => x.checked_add(1),
+            Bound::Excluded(x) => Some(*x),
+            Bound::Unbounded => None,
+        };
+        if let Some(end) = end
+            && let Some(hit) = self.recent().get(start, end)
+        {
+            return Ok(hit);
+        }
         let from = index_key(start);
         let mut out = Vec::new();
         for item in self
@@ -351,9 +459,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut b = WriteBatch::default();
         let mut replicated = false;
+        let mut written = Vec::new();
         for e in entries {
             replicated |= self.local.is_some_and(|me| *e.log_id().leader_id.node_id() != me);
-            b.put_cf(self.cf(CF_LOGS), index_key(e.index()), encode(&e)?);
+            let bytes = encode(&e)?;
+            b.put_cf(self.cf(CF_LOGS), index_key(e.index()), &bytes);
+            written.push((e, bytes.len()));
         }
         // Every committed entry is already in the log, so the batch that
         // carries the commit index never makes it point past the log's end.
@@ -370,6 +481,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             wo.set_sync(true);
             let start = Instant::now();
             self.db.write_opt(b, &wo).map_err(db_err)?;
+            self.recent().push(written);
             self.hooks.fsync(start.elapsed());
             self.hooks.append_batch(1);
             callback.io_completed(Ok(()));
@@ -378,6 +490,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Written (readable) now; durable once the group-commit thread has
         // fsynced the WAL and completed the callback.
         self.db.write(b).map_err(db_err)?;
+        self.recent().push(written);
         self.pending.fetch_add(1, Ordering::AcqRel);
         self.flusher.send(callback).map_err(|_| {
             self.pending.fetch_sub(1, Ordering::AcqRel);
@@ -387,6 +500,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
+        self.recent().truncate(from);
         let mut b = WriteBatch::default();
         b.delete_range_cf(self.cf(CF_LOGS), index_key(from), index_key(u64::MAX));
         b.delete_cf(self.cf(CF_LOGS), index_key(u64::MAX));
@@ -404,6 +518,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // replication needs, so a request that still reads these entries is
         // stale from this moment on.
         self.purged.raise(log_id.index);
+        self.recent().purge(log_id.index);
         self.write_synced(b).await
     }
 }

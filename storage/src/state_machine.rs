@@ -94,15 +94,22 @@ pub(crate) fn open_generation(dir: &Path) -> io::Result<DB> {
 /// Reads `(last_applied, membership)` from a state machine database.
 pub(crate) fn read_applied(db: &DB) -> io::Result<(Option<LogId>, StoredMembership)> {
     let meta = db.cf_handle(CF_META).expect("meta column family");
-    let applied = match db.get_cf(meta, KEY_APPLIED).map_err(db_err)? {
-        Some(b) => Some(decode(&b, "last_applied")?),
-        None => None,
-    };
+    let applied = read_last_applied(db)?;
     let membership = match db.get_cf(meta, KEY_MEMBERSHIP).map_err(db_err)? {
         Some(b) => decode(&b, "membership")?,
         None => StoredMembership::default(),
     };
     Ok((applied, membership))
+}
+
+/// The last applied log id alone: what every applied batch checks, without
+/// decoding the membership as well.
+fn read_last_applied(db: &DB) -> io::Result<Option<LogId>> {
+    let meta = db.cf_handle(CF_META).expect("meta column family");
+    match db.get_cf(meta, KEY_APPLIED).map_err(db_err)? {
+        Some(b) => Ok(Some(decode(&b, "last_applied")?)),
+        None => Ok(None),
+    }
 }
 
 /// Name of the live generation, from `CURRENT`, or `None` for a fresh directory.
@@ -256,8 +263,7 @@ type Answers = Vec<(openraft::storage::ApplyResponder<TypeConfig>, Response)>;
 /// Applies entries to `db` in one write batch; returns the responses for
 /// entries that have a responder, and the last applied index.
 fn apply_batch(db: &DB, entries: Vec<EntryResponder<TypeConfig>>) -> io::Result<(Answers, Option<u64>)> {
-    let (applied, _) = read_applied(db)?;
-    let applied_index = applied.map(|l| l.index);
+    let applied_index = read_last_applied(db)?.map(|l| l.index);
     let base = DbView(db);
     let mut overlay = Overlay::new(&base);
     let data = db.cf_handle(CF_DATA).expect("data column family");
