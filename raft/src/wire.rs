@@ -72,7 +72,8 @@ const ENCODE_CAPACITY: usize = 1024;
 fn encode_into<T: Serialize>(out: &mut Vec<u8>, v: &T) -> io::Result<()> {
     use bincode::Options;
     let start = out.len();
-    bincode::DefaultOptions::new()
+    options()
+        .with_no_limit()
         .serialize_into(&mut *out, v)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     if out.len() - start > MAX_MESSAGE {

@@ -125,9 +125,7 @@ impl Recent {
             self.entries.push_back((e, size));
         }
         while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
-            let Some((_, size)) = self.entries.pop_front() else {
-                break;
-            };
+            let (_, size) = self.entries.pop_front().expect("over a limit, so not empty");
             self.bytes -= size;
         }
     }
@@ -159,16 +157,9 @@ impl Recent {
         if start < first || start >= end || end > self.last()? + 1 {
             return None;
         }
-        let skip = (start - first) as usize;
-        let take = (end - start) as usize;
-        Some(
-            self.entries
-                .iter()
-                .skip(skip)
-                .take(take)
-                .map(|(e, _)| e.clone())
-                .collect(),
-        )
+        let from = (start - first) as usize;
+        let to = (end - first) as usize;
+        Some(self.entries.range(from..to).map(|(e, _)| e.clone()).collect())
     }
 }
 

@@ -196,6 +196,15 @@ async fn recent_entries_read_the_same_as_the_database() {
     let id = |term: u64, index: u64| keel_storage::types::LogId::new(LeaderId { term, node_id: 1 }, index);
     append(&mut log, 1, 1..6).await;
     log.truncate_after(Some(id(1, 3))).await.expect("truncate");
+    // Between the truncation and the next append, the cut entries are gone
+    // from memory as from disk.
+    let cut = log
+        .get_log_reader()
+        .await
+        .try_get_log_entries(1..6)
+        .await
+        .expect("read");
+    assert_eq!(cut.iter().map(|e| e.index()).collect::<Vec<_>>(), vec![1, 2, 3]);
     append(&mut log, 2, 4..9).await;
     log.purge(id(1, 2)).await.expect("purge");
 
