@@ -118,33 +118,37 @@ async fn a_followers_append_is_flushed_when_it_returns() {
     assert_eq!(read.iter().map(|e| e.index()).collect::<Vec<_>>(), vec![1, 2, 3]);
 }
 
+/// Appends blank entries of `term` at `indexes` as this node's own (the
+/// group-commit path) and waits until they are reported flushed.
+async fn append_flushed(log: &mut LogStore, term: u64, indexes: std::ops::Range<u64>) {
+    use openraft::storage::IOFlushed;
+    use openraft::storage::RaftLogStorage;
+    use openraft::testing::blank_ent;
+    use openraft::type_config::TypeConfigExt;
+
+    let (tx, rx) = TypeConfig::oneshot();
+    let entries: Vec<keel_storage::types::Entry> = indexes.map(|i| blank_ent::<TypeConfig>(term, 1, i)).collect();
+    log.append(entries, IOFlushed::signal(tx)).await.expect("append");
+    let flushed = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
+        .await
+        .expect("the group-commit thread reports the flush");
+    assert!(matches!(flushed, Ok(Ok(()))), "flushed: {flushed:?}");
+}
+
 /// The commit index is written with the next append, not on its own: read
 /// back at once it is the newest, and after a restart it is the newest one
 /// an append carried (never one past the log's end).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_commit_index_rides_with_the_next_append() {
     use openraft::impls::leader_id_adv::LeaderId;
-    use openraft::storage::IOFlushed;
     use openraft::storage::RaftLogStorage;
-    use openraft::testing::blank_ent;
-    use openraft::type_config::TypeConfigExt;
 
     let td = TempDir::new().expect("temp dir");
     let dir = td.path().join("log");
     let id = |index: u64| keel_storage::types::LogId::new(LeaderId { term: 1, node_id: 1 }, index);
     let mut log = LogStore::open(&dir, Arc::new(NoHooks)).expect("open the log");
-    let append = async |log: &mut LogStore, index: u64| {
-        let (tx, rx) = TypeConfig::oneshot();
-        log.append([blank_ent::<TypeConfig>(1, 1, index)], IOFlushed::signal(tx))
-            .await
-            .expect("append");
-        let flushed = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
-            .await
-            .expect("the group-commit thread reports the flush");
-        assert!(matches!(flushed, Ok(Ok(()))), "flushed: {flushed:?}");
-    };
-    append(&mut log, 1).await;
-    append(&mut log, 2).await;
+    append_flushed(&mut log, 1, 1..2).await;
+    append_flushed(&mut log, 1, 2..3).await;
     log.save_committed(Some(id(1))).await.expect("save committed");
     log.save_committed(Some(id(2))).await.expect("save committed");
     log.save_committed(Some(id(1)))
@@ -160,7 +164,7 @@ async fn the_commit_index_rides_with_the_next_append() {
         "no append carried the commit index yet"
     );
     log.save_committed(Some(id(2))).await.expect("save committed");
-    append(&mut log, 3).await;
+    append_flushed(&mut log, 1, 3..4).await;
     log.save_committed(Some(id(3))).await.expect("save committed");
     drop(log);
 
@@ -176,25 +180,13 @@ async fn recent_entries_read_the_same_as_the_database() {
     use openraft::RaftLogReader;
     use openraft::entry::RaftEntry;
     use openraft::impls::leader_id_adv::LeaderId;
-    use openraft::storage::IOFlushed;
     use openraft::storage::RaftLogStorage;
-    use openraft::testing::blank_ent;
-    use openraft::type_config::TypeConfigExt;
 
     let td = TempDir::new().expect("temp dir");
     let dir = td.path().join("log");
     let mut log = LogStore::open(&dir, Arc::new(NoHooks)).expect("open the log");
-    let append = async |log: &mut LogStore, term: u64, indexes: std::ops::Range<u64>| {
-        let (tx, rx) = TypeConfig::oneshot();
-        let entries: Vec<keel_storage::types::Entry> = indexes.map(|i| blank_ent::<TypeConfig>(term, 1, i)).collect();
-        log.append(entries, IOFlushed::signal(tx)).await.expect("append");
-        let flushed = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
-            .await
-            .expect("the group-commit thread reports the flush");
-        assert!(matches!(flushed, Ok(Ok(()))), "flushed: {flushed:?}");
-    };
     let id = |term: u64, index: u64| keel_storage::types::LogId::new(LeaderId { term, node_id: 1 }, index);
-    append(&mut log, 1, 1..6).await;
+    append_flushed(&mut log, 1, 1..6).await;
     log.truncate_after(Some(id(1, 3))).await.expect("truncate");
     // Between the truncation and the next append, the cut entries are gone
     // from memory as from disk.
@@ -205,7 +197,7 @@ async fn recent_entries_read_the_same_as_the_database() {
         .await
         .expect("read");
     assert_eq!(cut.iter().map(|e| e.index()).collect::<Vec<_>>(), vec![1, 2, 3]);
-    append(&mut log, 2, 4..9).await;
+    append_flushed(&mut log, 2, 4..9).await;
     log.purge(id(1, 2)).await.expect("purge");
 
     let ranges = [3..9, 3..4, 5..9, 8..9, 1..9, 3..10, 9..12, 4..4];
