@@ -520,7 +520,7 @@ mod tests {
 
     #[test]
     fn the_example_config_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/node1.toml");
+        let path = crate::source_file("config/node1.toml");
         let c = Config::load(&ServeArgs {
             config: Some(path),
             ..Default::default()

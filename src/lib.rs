@@ -29,3 +29,16 @@ pub mod resource_cli;
 pub mod snapshot_api;
 pub mod snapshot_cli;
 pub mod watch;
+
+/// A file of the source tree, for unit tests that check one. The directory
+/// comes from the environment `cargo test` runs them in, so a test binary
+/// built from a checkout at another path (one target directory shared by
+/// two checkouts) still reads this one; the path compiled in is the
+/// fallback.
+#[cfg(test)]
+pub(crate) fn source_file(rel: &str) -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+        .join(rel)
+}

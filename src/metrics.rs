@@ -632,7 +632,7 @@ mod tests {
 
     #[test]
     fn every_metric_is_in_the_docs_table() {
-        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+        let doc = std::fs::read_to_string(crate::source_file("docs/metrics.md")).unwrap();
         let names = get().names();
         assert!(names.len() >= 30, "{names:?}");
         // Counters are listed as Prometheus sees them, with `_total`.

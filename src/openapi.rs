@@ -417,7 +417,7 @@ pub fn document() -> Value {
 mod tests {
     #[test]
     fn the_checked_in_document_is_current() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
+        let path = crate::source_file("openapi.json");
         let built = serde_json::to_string_pretty(&super::document()).unwrap() + "\n";
         if std::env::var_os("KEEL_UPDATE_OPENAPI").is_some() {
             std::fs::write(&path, &built).unwrap();

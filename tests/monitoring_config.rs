@@ -15,8 +15,12 @@ use std::process::Command;
 use common::promtool_path;
 use serde_json::Value;
 
+/// The checkout: from the environment `cargo test` runs this in, so a
+/// binary built from a checkout at another path still reads this one.
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }
 
 fn promtool(args: &[&str], dir: &Path) {
