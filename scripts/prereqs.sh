@@ -26,7 +26,7 @@ fi
 # schemathesis fuzzes the API from its OpenAPI document in the test suite.
 # Pinned: a new release may generate different cases from the same seed.
 schemathesis_version=4.32.5
-if ! st --version 2>/dev/null | grep -qF "version $schemathesis_version"; then
+if ! st --version 2>/dev/null | grep -qxF "st, version $schemathesis_version"; then
   echo "installing schemathesis $schemathesis_version (PyPI)" >&2
   python3 -m pip install --quiet "schemathesis==$schemathesis_version"
 fi
