@@ -162,7 +162,7 @@ pub struct ServeArgs {
     /// Election timeout upper bound, ms.
     #[arg(long, env = "KEEL_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
-    /// Snapshot every N entries.
+    /// Snapshot every N entries (default 100,000, as etcd's snapshot-count).
     #[arg(long, env = "KEEL_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
     /// Entries kept after a snapshot.
@@ -375,7 +375,7 @@ impl Config {
                 "raft timing: need 0 < heartbeat_ms ({heartbeat_ms}) < election_timeout_min_ms ({emin}) < election_timeout_max_ms ({emax})"
             );
         }
-        let snapshot_every = a.snapshot_every.or(f.raft.snapshot_every).unwrap_or(20_000);
+        let snapshot_every = a.snapshot_every.or(f.raft.snapshot_every).unwrap_or(100_000);
         let keep_after_snapshot = a.keep_after_snapshot.or(f.raft.keep_after_snapshot).unwrap_or(5_000);
         if snapshot_every == 0 {
             bail!("snapshot_every must be at least 1");
