@@ -543,7 +543,19 @@ impl PeerNetwork {
         pending.store(1, Ordering::Relaxed);
         let (purged, target) = (self.purged.clone(), self.target);
         let (mut first_taken, mut behind) = (false, 0u32);
-        let frames = futures::stream::iter([first]).chain(input).map(move |req| {
+        // A request without entries (a commit update or a heartbeat) waits
+        // until the tasks already woken have run: when a commit wakes both
+        // the apply and the replication streams, the apply and the client's
+        // answer then go out before the followers hear of the new commit,
+        // instead of after two socket writes to them. Nothing waits on that
+        // update but the followers' own apply.
+        let requests = futures::stream::iter([first]).chain(input).then(|req| async move {
+            if req.entries.is_empty() {
+                tokio::task::yield_now().await;
+            }
+            req
+        });
+        let frames = requests.map(move |req| {
             if first_taken {
                 sent.fetch_add(1, Ordering::Relaxed);
             }
