@@ -444,6 +444,26 @@ pub struct PeerNetwork {
 /// producer (and whatever it was waiting on); the body then ends.
 struct ClosableInput<S>(Arc<std::sync::Mutex<Option<S>>>);
 
+/// Lets a request without entries (a commit update or a heartbeat) wait
+/// until the tasks already woken have run. A commit wakes both the apply and
+/// the replication streams; the apply and the client's answer then go out
+/// before the followers hear of the new commit, instead of after a socket
+/// write to each of them. Only the followers' apply (and the reads they
+/// serve, which wait for it) waits on that update, and only for one turn of
+/// the event loop. Order within the stream is kept.
+fn entry_less_after_woken_tasks<S>(requests: S) -> impl futures::Stream<Item = AppendEntriesRequest<TypeConfig>>
+where
+    S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>>,
+{
+    use futures::StreamExt;
+    requests.then(|req| async move {
+        if req.entries.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        req
+    })
+}
+
 /// Closes the [`ClosableInput`] it was made with when dropped.
 struct InputCloser<S>(Arc<std::sync::Mutex<Option<S>>>);
 
@@ -543,18 +563,7 @@ impl PeerNetwork {
         pending.store(1, Ordering::Relaxed);
         let (purged, target) = (self.purged.clone(), self.target);
         let (mut first_taken, mut behind) = (false, 0u32);
-        // A request without entries (a commit update or a heartbeat) waits
-        // until the tasks already woken have run: when a commit wakes both
-        // the apply and the replication streams, the apply and the client's
-        // answer then go out before the followers hear of the new commit,
-        // instead of after two socket writes to them. Nothing waits on that
-        // update but the followers' own apply.
-        let requests = futures::stream::iter([first]).chain(input).then(|req| async move {
-            if req.entries.is_empty() {
-                tokio::task::yield_now().await;
-            }
-            req
-        });
+        let requests = entry_less_after_woken_tasks(futures::stream::iter([first]).chain(input));
         let frames = requests.map(move |req| {
             if first_taken {
                 sent.fetch_add(1, Ordering::Relaxed);
@@ -1091,6 +1100,51 @@ mod tests {
             leader_commit: None,
             entries: vec![],
         }
+    }
+
+    /// Whether a task woken just after the request arrived has run by the
+    /// time `entry_less_after_woken_tasks` hands the request on.
+    async fn woken_task_ran_first(request: AppendEntriesRequest<TypeConfig>) -> bool {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let other = tokio::spawn({
+            let (notify, ran) = (notify.clone(), ran.clone());
+            async move {
+                notify.notified().await;
+                ran.store(true, Ordering::SeqCst);
+            }
+        });
+        let reader = tokio::spawn({
+            let ran = ran.clone();
+            async move {
+                let mut requests = std::pin::pin!(entry_less_after_woken_tasks(rx));
+                requests.next().await.expect("a request");
+                ran.load(Ordering::SeqCst)
+            }
+        });
+        // Both tasks wait: the reader on the stream, the other on `notify`.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // The reader is woken first, the other task second.
+        tx.unbounded_send(request).unwrap();
+        notify.notify_one();
+        let seen = reader.await.unwrap();
+        other.await.unwrap();
+        seen
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_commit_update_waits_for_the_tasks_already_woken() {
+        assert!(woken_task_ran_first(heartbeat()).await);
+        let mut with_entry = heartbeat();
+        let leader = openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 };
+        with_entry.entries.push(keel_storage::types::Entry {
+            log_id: keel_storage::types::LogId::new(leader, 1),
+            payload: openraft::EntryPayload::Blank,
+        });
+        assert!(!woken_task_ran_first(with_entry).await, "entries go out at once");
     }
 
     async fn results_of(addr: &str, requests: usize) -> Vec<Result<StreamAppendResult<TypeConfig>, String>> {
