@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# System calls per put on the leader and on one follower, counted by strace.
+#
+#   bench/syscalls-per-put.sh KEEL_BINARY [CLIENTS [PUTS]]
+#
+# A single put's latency is mostly hand-offs between processes and threads
+# (bench/README.md); each socket write, WAL write, fsync and wake-up is a
+# system call, so their count per put shows what a change adds to or takes
+# off the write path, and which messages a put costs.
+#
+# A fresh plaintext 3-node cluster on loopback (ports 27001-27103, data in a
+# new temporary directory), warmed with 500 puts, then `strace -c -f` on the
+# leader and on one follower while CLIENTS clients (default 1) send PUTS puts
+# (default 2000) to the leader. Prints each node's calls per put by system
+# call. strace slows every call it counts: read the counts, not the times.
+# Every process it starts is stopped by pid; every wait is bounded.
+set -euo pipefail
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+keel=${1:?usage: bench/syscalls-per-put.sh KEEL_BINARY [CLIENTS [PUTS]]}
+clients=${2:-1}
+puts=${3:-2000}
+if ! command -v strace >/dev/null; then
+    echo "installing strace" >&2
+    sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq strace >/dev/null
+fi
+dir=$(mktemp -d -t keel-syscalls.XXXXXX)
+members="1=127.0.0.1:27101/127.0.0.1:27001,2=127.0.0.1:27102/127.0.0.1:27002,3=127.0.0.1:27103/127.0.0.1:27003"
+pids=()
+tracers=()
+cleanup() {
+    for p in "${tracers[@]}" "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+for i in 1 2 3; do
+    "$keel" serve --insecure --node-id "$i" --cluster-name bench --data-dir "$dir/n$i" \
+        --api-listen "127.0.0.1:2700$i" --raft-listen "127.0.0.1:2710$i" \
+        --initial-members "$members" --log-level warn >"$dir/n$i.log" 2>&1 &
+    pids+=("$!")
+done
+leader=$(wait_leader 27001)
+follower=$((leader % 3 + 1))
+ep="http://127.0.0.1:2700$leader"
+"$keel" bench --endpoints "$ep" --workload put --clients 8 --count 500 >/dev/null
+
+for role in leader follower; do
+    node=$leader
+    [[ $role == follower ]] && node=$follower
+    timeout 300 strace -c -f -p "${pids[$((node - 1))]}" -o "$dir/$role.txt" 2>/dev/null &
+    tracers+=("$!")
+done
+# The counted puts start once strace traces every thread of both nodes.
+traced() {
+    local pid t
+    for pid in "${pids[$((leader - 1))]}" "${pids[$((follower - 1))]}"; do
+        for t in /proc/"$pid"/task/*; do
+            [[ $(awk '/^TracerPid:/ {print $2}' "$t/status" 2>/dev/null) =~ ^[1-9] ]] || return 1
+        done
+    done
+}
+for _ in $(seq 1 100); do
+    traced && break
+    sleep 0.1
+done
+traced || { echo "strace did not attach to every thread" >&2; exit 1; }
+ops=$("$keel" bench --endpoints "$ep" --workload put --clients "$clients" --count "$puts" --json |
+    python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["ops"]); sys.exit(r["errors"] > 0)')
+for t in "${tracers[@]}"; do kill -INT "$t" 2>/dev/null || true; done
+for t in "${tracers[@]}"; do wait "$t" 2>/dev/null || true; done
+tracers=()
+
+python3 - "$ops" "$clients" "$dir/leader.txt" "$dir/follower.txt" <<'EOF'
+import sys
+ops, clients = int(sys.argv[1]), sys.argv[2]
+def calls(path):
+    out = {}
+    for line in open(path):
+        f = line.split()
+        # "% time seconds usecs/call calls [errors] syscall"
+        if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
+            out[f[-1]] = int(f[3])
+    return out
+nodes = {"leader": calls(sys.argv[3]), "follower": calls(sys.argv[4])}
+names = sorted(set(nodes["leader"]) | set(nodes["follower"]),
+               key=lambda n: -(nodes["leader"].get(n, 0) + nodes["follower"].get(n, 0)))
+print(f"system calls per put, {ops} puts from {clients} client(s) to the leader")
+print(f"{'call':>16} {'leader':>8} {'follower':>9}")
+for n in names:
+    l, f = nodes["leader"].get(n, 0) / ops, nodes["follower"].get(n, 0) / ops
+    if l >= 0.01 or f >= 0.01:
+        print(f"{n:>16} {l:8.2f} {f:9.2f}")
+print(f"{'total':>16} {sum(nodes['leader'].values()) / ops:8.2f} {sum(nodes['follower'].values()) / ops:9.2f}")
+EOF
