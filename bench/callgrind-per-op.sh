@@ -25,12 +25,7 @@ keel=${1:?usage: bench/callgrind-per-op.sh KEEL_BINARY [leader|follower] [PUTS] 
 role=${2:-leader}
 puts=${3:-300}
 rate=${4:-30}
-if ! command -v valgrind >/dev/null; then
-    echo "installing valgrind" >&2
-    sudo=""
-    [[ $(id -u) -eq 0 ]] || sudo="sudo"
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq valgrind >/dev/null
-fi
+ensure_installed valgrind valgrind
 dir=$(mktemp -d -t keel-callgrind.XXXXXX)
 members="1=127.0.0.1:26101/127.0.0.1:26001,2=127.0.0.1:26102/127.0.0.1:26002,3=127.0.0.1:26103/127.0.0.1:26003"
 pids=()

@@ -21,7 +21,6 @@ clients=${2:-64}
 conns=${3:-$clients}
 secs=${4:-10}
 dir=$(mktemp -d -t keel-cpu-per-op.XXXXXX)
-members="1=127.0.0.1:24101/127.0.0.1:24001,2=127.0.0.1:24102/127.0.0.1:24002,3=127.0.0.1:24103/127.0.0.1:24003"
 endpoints="http://127.0.0.1:24001,http://127.0.0.1:24002,http://127.0.0.1:24003"
 pids=()
 cleanup() {
@@ -31,12 +30,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for i in 1 2 3; do
-    "$keel" serve --insecure --node-id "$i" --cluster-name bench --data-dir "$dir/n$i" \
-        --api-listen "127.0.0.1:2400$i" --raft-listen "127.0.0.1:2410$i" \
-        --initial-members "$members" --log-level warn >"$dir/n$i.log" 2>&1 &
-    pids+=("$!")
-done
+start_nodes "$keel" "$dir" 2400 2410
 
 leader=$(wait_leader 24001)
 leader_pid=${pids[$((leader - 1))]}

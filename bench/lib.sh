@@ -25,3 +25,26 @@ cpu_ticks() {
     done
     echo "$t"
 }
+
+# Starts a plaintext 3-node cluster of KEEL with data in DIR/n1..n3, the API
+# of node i on 127.0.0.1:<API><i> and its peer port on 127.0.0.1:<RAFT><i>
+# (e.g. API=2400, RAFT=2410), and appends the nodes' pids to `pids`.
+start_nodes() {
+    local keel=$1 dir=$2 api=$3 raft=$4 i
+    local members="1=127.0.0.1:${raft}1/127.0.0.1:${api}1,2=127.0.0.1:${raft}2/127.0.0.1:${api}2,3=127.0.0.1:${raft}3/127.0.0.1:${api}3"
+    for i in 1 2 3; do
+        "$keel" serve --insecure --node-id "$i" --cluster-name bench --data-dir "$dir/n$i" \
+            --api-listen "127.0.0.1:$api$i" --raft-listen "127.0.0.1:$raft$i" \
+            --initial-members "$members" --log-level warn >"$dir/n$i.log" 2>&1 &
+        pids+=("$!")
+    done
+}
+
+# Installs the Debian package PACKAGE when COMMAND is not on the PATH.
+ensure_installed() {
+    local command=$1 package=$2 sudo=""
+    command -v "$command" >/dev/null && return 0
+    echo "installing $package" >&2
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$package" >/dev/null
+}

@@ -21,14 +21,8 @@ source "$(dirname "$0")/lib.sh"
 keel=${1:?usage: bench/syscalls-per-put.sh KEEL_BINARY [CLIENTS [PUTS]]}
 clients=${2:-1}
 puts=${3:-2000}
-if ! command -v strace >/dev/null; then
-    echo "installing strace" >&2
-    sudo=""
-    [[ $(id -u) -eq 0 ]] || sudo="sudo"
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq strace >/dev/null
-fi
+ensure_installed strace strace
 dir=$(mktemp -d -t keel-syscalls.XXXXXX)
-members="1=127.0.0.1:27101/127.0.0.1:27001,2=127.0.0.1:27102/127.0.0.1:27002,3=127.0.0.1:27103/127.0.0.1:27003"
 pids=()
 tracers=()
 cleanup() {
@@ -38,12 +32,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for i in 1 2 3; do
-    "$keel" serve --insecure --node-id "$i" --cluster-name bench --data-dir "$dir/n$i" \
-        --api-listen "127.0.0.1:2700$i" --raft-listen "127.0.0.1:2710$i" \
-        --initial-members "$members" --log-level warn >"$dir/n$i.log" 2>&1 &
-    pids+=("$!")
-done
+start_nodes "$keel" "$dir" 2700 2710
 leader=$(wait_leader 27001)
 follower=$((leader % 3 + 1))
 ep="http://127.0.0.1:2700$leader"
