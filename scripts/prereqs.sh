@@ -5,10 +5,13 @@
 set -euo pipefail
 
 need=()
-# libclang itself, not libclang-cpp (which some images carry without it).
-if ! ls /usr/lib/llvm-*/lib/libclang.so /usr/lib/x86_64-linux-gnu/libclang.so >/dev/null 2>&1; then
-  need+=(libclang-dev)
-fi
+# libclang itself, not libclang-cpp (which some images carry without it),
+# in either place Debian puts it: one of them is enough.
+have_libclang=""
+for f in /usr/lib/llvm-*/lib/libclang.so /usr/lib/x86_64-linux-gnu/libclang.so; do
+  [ -e "$f" ] && have_libclang=yes
+done
+[ -n "$have_libclang" ] || need+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
 # The fault-injection suite puts each node in a network namespace (`ip netns`).
