@@ -12,7 +12,11 @@
 # new temporary directory), warmed with 500 puts, then `strace -c -f` on the
 # leader and on one follower while CLIENTS clients (default 1) send PUTS puts
 # (default 2000) to the leader. Prints each node's calls per put by system
-# call. strace slows every call it counts: read the counts, not the times.
+# call: every call the node made while the puts ran, divided by the puts, so
+# heartbeats and timers over those seconds are counted too (one client's
+# 2,000 puts take about 2 s: some 20 heartbeats to each follower, at 100 ms;
+# more puts make their share smaller). strace slows every call it counts:
+# read the counts, not the times.
 # Every process it starts is stopped by pid; every wait is bounded.
 set -euo pipefail
 # shellcheck source=bench/lib.sh
@@ -21,6 +25,9 @@ source "$(dirname "$0")/lib.sh"
 keel=${1:?usage: bench/syscalls-per-put.sh KEEL_BINARY [CLIENTS [PUTS]]}
 clients=${2:-1}
 puts=${3:-2000}
+for n in "$clients" "$puts"; do
+    [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "CLIENTS and PUTS must be positive integers, got '$n'" >&2; exit 2; }
+done
 ensure_installed strace strace
 dir=$(mktemp -d -t keel-syscalls.XXXXXX)
 pids=()
