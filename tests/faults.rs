@@ -136,6 +136,90 @@ async fn a_leader_paused_past_the_election_timeout() {
     assert_clean("pause", &o);
 }
 
+/// Fast failover when the first survivor in line has the shorter log: it
+/// campaigns first and must lose (the other survivor's log is longer and
+/// refuses it). The refusing survivor then campaigns at once instead of
+/// waiting out its turn (`raft/src/failover.rs`, `wait_ranks`).
+///
+/// The leader's appends to the first survivor are dropped (its peer port
+/// only, so that survivor can still probe the leader's port and see the
+/// kill), writes commit through the other survivor, then the leader is
+/// killed. Heartbeat 400 ms: the second survivor's own turn would come
+/// 2 s (5 heartbeats) after it finds the leader dead, while the first
+/// campaigns within one probe period (1.2 s) of the kill; the election
+/// timeout (5–8 s) keeps the usual path out of the way. The new leader
+/// must be the second survivor, its log must show that the refusal
+/// started its turn, and nothing acknowledged may be lost. How long the
+/// failover takes is for the benchmark (bench/README.md), not this test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_survivor_that_refuses_a_shorter_log_campaigns_without_waiting_its_turn() {
+    let nc = fault::start(
+        3,
+        &[
+            "--heartbeat-ms",
+            "400",
+            "--election-timeout-min-ms",
+            "5000",
+            "--election-timeout-max-ms",
+            "8000",
+        ],
+        &[],
+    );
+    let c = &nc.c;
+    let old = c.wait_leader().await;
+    let survivors: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
+    let (first, second) = (survivors[0], survivors[1]);
+    for i in 0..5 {
+        let r = c.put(old, &format!("before/{i}"), &json!(i)).await.unwrap();
+        assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
+    }
+    let commit = c.status(old).await.unwrap().commit_index;
+    c.wait_applied(&[1, 2, 3], commit).await;
+
+    nc.net.cut_to_port(old, first, fault::RAFT_PORT);
+    for i in 0..20 {
+        let r = c.put(old, &format!("during/{i}"), &json!(i)).await.unwrap();
+        assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
+    }
+    let commit = c.status(old).await.unwrap().commit_index;
+    c.wait_applied(&[second], commit).await;
+    let lagging = c.status(first).await.unwrap().last_log_index;
+    assert!(
+        lagging < commit,
+        "the premise: node {first} must lack entries (its log ends at {lagging}, the commit is at {commit})"
+    );
+
+    c.kill(old);
+    let (new, took) = wait_new_leader(c, old).await;
+    eprintln!(
+        "[lagging survivor] node {new} leads {:.1} s after the kill",
+        took.as_secs_f64()
+    );
+    assert_eq!(new, second, "only the survivor with the whole log can win");
+    let first_log = common::strip_ansi(&c.log_tail(first));
+    assert!(
+        first_log.contains("starting an election at once"),
+        "node {first}, first in line, did not campaign:\n{first_log}"
+    );
+    let second_log = common::strip_ansi(&c.log_tail(second));
+    assert!(
+        second_log.contains("refused a candidate with a shorter log"),
+        "node {second} did not take its turn from the refusal:\n{second_log}"
+    );
+
+    // Nothing acknowledged is lost, and the lagging node catches up.
+    let r = c.put(first, "after", &json!("x")).await.unwrap();
+    assert!(
+        r.status == 200 || r.status == 201,
+        "write through {first}: {:?}",
+        r.body
+    );
+    for i in 0..20 {
+        let r = c.get(first, &format!("during/{i}"), false).await.unwrap();
+        assert_eq!(r.status, 200, "during/{i} lost: {:?}", r.body);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitions_isolating_the_leader_one_way_and_flapping() {
     let nc = fault::start(3, &[], &[]);

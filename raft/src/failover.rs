@@ -29,6 +29,17 @@
 //! wait `rank ×` [`STAGGER_HEARTBEATS`] heartbeats before campaigning, and
 //! campaign only if their vote is still the dead leader's. A vote request
 //! from a lower rank changes that vote first.
+//!
+//! Unless that request lost on the log: a voter whose log is longer than a
+//! fast-failover candidate's refuses it without changing its vote (Raft's
+//! up-to-date rule), and the candidate cannot win. The ranks up to and
+//! including the refused one are then spent, so the refusing voter counts
+//! its wait from the refusal as if the rank after the refused one were
+//! first ([`wait_ranks`]): the next survivor in line campaigns at once
+//! instead of waiting out its stagger while nobody else will. Voters with
+//! the same longer log come after it in the same order, so they still
+//! campaign one at a time. The rule only ever shortens a wait; who may win
+//! is unchanged.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -53,11 +64,17 @@ pub const STAGGER_HEARTBEATS: u32 = 5;
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// When this node last heard an append (heartbeat or entries) from a peer.
-/// Only a leader sends appends, so this is the leader's last contact.
+/// Only a leader sends appends, so this is the leader's last contact. It
+/// also keeps the last fast-failover candidate this node refused for a
+/// shorter log.
 #[derive(Debug)]
 pub struct LeaderContact {
     base: Instant,
     last_ms: AtomicU64,
+    /// When (ms since `base`, 0 = never) a candidate was refused for its log.
+    refused_ms: AtomicU64,
+    refused_candidate: AtomicU64,
+    refused: tokio::sync::Notify,
 }
 
 impl Default for LeaderContact {
@@ -65,6 +82,9 @@ impl Default for LeaderContact {
         Self {
             base: Instant::now(),
             last_ms: AtomicU64::new(0),
+            refused_ms: AtomicU64::new(0),
+            refused_candidate: AtomicU64::new(0),
+            refused: tokio::sync::Notify::new(),
         }
     }
 }
@@ -80,6 +100,38 @@ impl LeaderContact {
     pub fn silent_for(&self) -> Duration {
         let now = self.base.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Records that this node refused `candidate`'s leadership-transfer
+    /// election because the candidate's log is shorter than its own, and
+    /// wakes a survivor waiting its turn.
+    pub fn refused_shorter_log(&self, candidate: NodeId) {
+        let ms = (self.base.elapsed().as_millis() as u64).max(1);
+        self.refused_candidate.store(candidate, Ordering::Relaxed);
+        self.refused_ms.store(ms, Ordering::Release);
+        self.refused.notify_waiters();
+    }
+
+    /// The candidate refused for a shorter log since the leader's last
+    /// append, and when.
+    fn refused_since_contact(&self) -> Option<(NodeId, Instant)> {
+        let at = self.refused_ms.load(Ordering::Acquire);
+        if at == 0 || at <= self.last_ms.load(Ordering::Relaxed) {
+            return None;
+        }
+        let candidate = self.refused_candidate.load(Ordering::Relaxed);
+        Some((candidate, self.base + Duration::from_millis(at)))
+    }
+}
+
+/// Staggers (of [`STAGGER_HEARTBEATS`]) a survivor of rank `rank` still
+/// waits, counted from the refusal of the candidate of rank `refused` for
+/// a shorter log: the ranks up to `refused` are spent. A refusal of a
+/// candidate that does not rank before this node changes nothing.
+pub fn wait_ranks(rank: u32, refused: Option<u32>) -> u32 {
+    match refused {
+        Some(r) if r < rank => rank - r - 1,
+        _ => rank,
     }
 }
 
@@ -115,6 +167,7 @@ struct Following {
     leader: NodeId,
     leader_addr: String,
     vote: <crate::TypeConfig as openraft::RaftTypeConfig>::Vote,
+    voters: Vec<NodeId>,
     rank: u32,
 }
 
@@ -127,11 +180,13 @@ fn following(raft: &Raft, me: NodeId) -> Option<Following> {
     let leader = m.current_leader.filter(|l| *l != me)?;
     let membership = m.membership_config.membership();
     let leader_addr = membership.get_node(&leader)?.raft_addr.clone();
-    let rank = rank(me, leader, membership.voter_ids())?;
+    let voters: Vec<NodeId> = membership.voter_ids().collect();
+    let rank = rank(me, leader, voters.iter().copied())?;
     Some(Following {
         leader,
         leader_addr,
         vote: m.vote,
+        voters,
         rank,
     })
 }
@@ -170,10 +225,8 @@ pub async fn watch_leader(
             rank = seen.rank,
             "leader's peer port refuses connections: its process is gone"
         );
-        let wait = heartbeat * STAGGER_HEARTBEATS * seen.rank;
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.wait_for(|s| *s) => return,
+        if !wait_turn(&contact, &seen, heartbeat * STAGGER_HEARTBEATS, &mut stop).await {
+            return;
         }
         // Campaign only if nothing moved meanwhile: still a follower of the
         // same leader under the same vote (a lower rank's vote request, or a
@@ -200,6 +253,43 @@ pub async fn watch_leader(
     }
 }
 
+/// Waits this survivor's turn: `rank` staggers from now, or fewer from
+/// the refusal of a lower-ranked candidate for a shorter log (see
+/// [`wait_ranks`]). False when `stop` turned true.
+async fn wait_turn(
+    contact: &LeaderContact,
+    seen: &Following,
+    stagger: Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let mut until = Instant::now() + stagger * seen.rank;
+    loop {
+        // Registered before the check, so a refusal between the two wakes it.
+        let refused = contact.refused.notified();
+        tokio::pin!(refused);
+        refused.as_mut().enable();
+        if let Some((candidate, at)) = contact.refused_since_contact() {
+            let r = rank(candidate, seen.leader, seen.voters.iter().copied());
+            let left = wait_ranks(seen.rank, r);
+            if left < seen.rank && at + stagger * left < until {
+                until = at + stagger * left;
+                tracing::info!(
+                    candidate,
+                    "refused a candidate with a shorter log: its turn and those before it are spent"
+                );
+            }
+        }
+        if Instant::now() >= until {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(until.into()) => return true,
+            _ = &mut refused => {}
+            _ = stop.wait_for(|s| *s) => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +301,34 @@ mod tests {
         assert_eq!(rank(1, 3, [3, 1, 2]), Some(0));
         assert_eq!(rank(5, 2, [1, 2, 3, 4, 5]), Some(3));
         assert_eq!(rank(4, 1, [1, 2, 3]), None);
+    }
+
+    #[test]
+    fn a_refused_lower_rank_spends_the_turns_up_to_its_own() {
+        // Three voters, survivors ranked 0 and 1: rank 1 refusing rank 0
+        // goes at once.
+        assert_eq!(wait_ranks(1, Some(0)), 0);
+        // Five voters: rank 3 refusing rank 1 waits one turn (rank 2's).
+        assert_eq!(wait_ranks(3, Some(1)), 1);
+        // No refusal, or a refused candidate that ranks after this node
+        // (or is not a survivor): the full wait.
+        assert_eq!(wait_ranks(2, None), 2);
+        assert_eq!(wait_ranks(1, Some(2)), 1);
+        assert_eq!(wait_ranks(0, Some(0)), 0);
+    }
+
+    #[test]
+    fn a_refusal_counts_only_after_the_leaders_last_append() {
+        let c = LeaderContact::default();
+        assert!(c.refused_since_contact().is_none());
+        std::thread::sleep(Duration::from_millis(5));
+        c.refused_shorter_log(2);
+        let (candidate, _) = c.refused_since_contact().expect("refusal after the last append");
+        assert_eq!(candidate, 2);
+        // The leader (a live one) is heard from again: the refusal is old.
+        std::thread::sleep(Duration::from_millis(5));
+        c.touch();
+        assert!(c.refused_since_contact().is_none());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use openraft::ReadPolicy;
 use openraft::errors::ClientWriteError;
 use openraft::errors::LinearizableReadError;
 use openraft::errors::RaftError;
+use openraft::raft::VoteRequest;
 use openraft::type_config::async_runtime::watch::WatchReceiver;
 
 use crate::Raft;
@@ -182,13 +183,23 @@ impl PeerService {
                 tracing::debug!(from, "append stream opened");
                 self.stream_append(req)
             }
-            wire::PATH_VOTE => match read_msg(req).await {
+            wire::PATH_VOTE => match read_msg::<VoteRequest<TypeConfig>>(req).await {
                 Ok(m) => match self.refuse_vote_with_empty_log(from, &m) {
                     Some(r) => r,
-                    None => match self.raft.vote(m).await {
-                        Ok(r) => ok_msg(&r),
-                        Err(e) => fatal(&e),
-                    },
+                    None => {
+                        let (transfer, candidate_log) = (m.leadership_transfer, m.last_log_id);
+                        match self.raft.vote(m).await {
+                            Ok(r) => {
+                                // A fast-failover candidate lost on the log:
+                                // the next survivor in line may go now.
+                                if transfer && !r.vote_granted && r.last_log_id > candidate_log {
+                                    self.contact.refused_shorter_log(from);
+                                }
+                                ok_msg(&r)
+                            }
+                            Err(e) => fatal(&e),
+                        }
+                    }
                 },
                 Err(r) => r,
             },

@@ -14,7 +14,7 @@ use crate::common::TestCluster;
 
 /// Ports every node uses on its own address.
 const API_PORT: u16 = 7000;
-const RAFT_PORT: u16 = 7001;
+pub const RAFT_PORT: u16 = 7001;
 
 /// A cluster whose nodes each run in their own network namespace.
 /// Field order matters: the nodes stop before their network is removed.

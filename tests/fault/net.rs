@@ -46,6 +46,9 @@ pub struct Net {
     /// Directed links currently cut: (from, to) means packets from `from`
     /// to `to` are dropped.
     cut: Mutex<BTreeSet<(u64, u64)>>,
+    /// Rules added by [`Net::cut_to_port`]: the `ip` arguments that
+    /// delete each.
+    port_cuts: Mutex<Vec<Vec<String>>>,
 }
 
 impl Net {
@@ -84,6 +87,7 @@ impl Net {
             k,
             n,
             cut: Mutex::new(BTreeSet::new()),
+            port_cuts: Mutex::new(Vec::new()),
         };
         let br = net.bridge();
         must(&["link", "add", &br, "type", "bridge"]);
@@ -199,6 +203,43 @@ impl Net {
         ]);
     }
 
+    /// Drops the TCP segments `from` sends to `to`'s port `port` (one
+    /// direction, that port only): connections `from` opened to that port
+    /// stall, while `to` still reaches every port of `from`, answers
+    /// included. For a leader whose appends must not reach one follower
+    /// while that follower can still probe the leader's port. Undone by
+    /// [`Net::heal`].
+    pub fn cut_to_port(&self, from: u64, to: u64, port: u16) {
+        let port = port.to_string();
+        let rule = |ns: u64, pref: &str, dir: &str, addr: String| -> Vec<String> {
+            vec![
+                "-n".to_string(),
+                self.netns(ns),
+                "rule".into(),
+                "add".into(),
+                "pref".into(),
+                pref.into(),
+                dir.into(),
+                addr,
+                "ipproto".into(),
+                "tcp".into(),
+                "dport".into(),
+                port.clone(),
+                "blackhole".into(),
+            ]
+        };
+        // In `from`'s namespace nothing leaves for that port of `to`; in
+        // `to`'s nothing from `from` to that port is accepted.
+        for mut args in [
+            rule(from, "13", "to", self.host(to)),
+            rule(to, "12", "from", self.host(from)),
+        ] {
+            must(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            args[3] = "del".into();
+            self.port_cuts.lock().unwrap().push(args);
+        }
+    }
+
     /// Cuts every link between the groups `a` and `b`, both directions.
     pub fn partition(&self, a: &[u64], b: &[u64]) {
         for &x in a {
@@ -220,6 +261,9 @@ impl Net {
         let mut cut = self.cut.lock().unwrap();
         for (from, to) in std::mem::take(&mut *cut) {
             self.restore_one_way(from, to);
+        }
+        for undo in std::mem::take(&mut *self.port_cuts.lock().unwrap()) {
+            let _ = ip(&undo.iter().map(String::as_str).collect::<Vec<_>>());
         }
     }
 }
