@@ -7,11 +7,12 @@
 //! thread drains every pending flush request and covers them all with one
 //! `flush_wal(true)`, while replication runs in parallel. Entries another
 //! leader created reach this log by replication; this node must sync them
-//! before it answers that leader anyway, so when appends arrive one at a
-//! time (none in the last [`IDLE_BEFORE_INLINE_SYNC`], no group commit
-//! pending) `append` syncs them itself: two thread hand-offs fewer on a
-//! quiet follower. Under load the follower keeps group-committing, so its
-//! event loop goes on reading the next appends while the fsync runs.
+//! before it answers that leader anyway, so when appends arrive one entry
+//! at a time (a single entry, none in the last [`IDLE_BEFORE_INLINE_SYNC`],
+//! no group commit pending) `append` syncs them itself: two thread
+//! hand-offs fewer on a quiet follower. Under load the follower keeps
+//! group-committing, so its event loop goes on reading the next appends
+//! while the fsync runs, and one fsync covers several appends.
 //!
 //! The newest entries also stay in memory for the readers right behind the
 //! appends (replication and the apply), and the commit index openraft
@@ -169,6 +170,14 @@ impl Recent {
 /// syncing each on the event loop would serialize the fsyncs that group
 /// commit merges (measured in bench/README.md, change 12).
 pub const IDLE_BEFORE_INLINE_SYNC: std::time::Duration = std::time::Duration::from_micros(500);
+
+/// ... and only if it carries at most this many entries. A single writer's
+/// appends carry one entry each. Under load the leader batches, and its
+/// appends can come further apart than [`IDLE_BEFORE_INLINE_SYNC`] while
+/// carrying many entries each (64 writers on two cores: about 12 entries,
+/// 1.7 ms apart), so the time alone sent most of a loaded follower's syncs
+/// down the inline path (bench/README.md, change 22).
+pub const INLINE_SYNC_MAX_ENTRIES: usize = 1;
 
 /// The index of the last purged entry, shared with the replication client,
 /// which must not ask for entries that are gone, without a database read.
@@ -467,7 +476,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let quiet = now_us.saturating_sub(previous) >= IDLE_BEFORE_INLINE_SYNC.as_micros() as u64;
         // Callbacks complete in order: the inline sync is taken only when no
         // group commit is outstanding.
-        if replicated && quiet && self.pending.load(Ordering::Acquire) == 0 {
+        let single = written.len() <= INLINE_SYNC_MAX_ENTRIES;
+        if replicated && quiet && single && self.pending.load(Ordering::Acquire) == 0 {
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
             let start = Instant::now();

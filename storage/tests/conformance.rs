@@ -50,7 +50,8 @@ async fn the_purge_mark_follows_purges_and_survives_a_restart() {
 
 /// The same suite with the log told its node id (999, a leader the suite
 /// never names): every entry the suite appends then comes from another
-/// leader, so the follower's path, which syncs inside `append`, is checked.
+/// leader, so the follower's paths are checked: a single entry synced
+/// inside `append`, several entries group-committed.
 struct FollowerBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for FollowerBuilder {
@@ -67,10 +68,24 @@ async fn openraft_storage_suite_passes_for_a_follower() {
         .expect("storage conformance suite");
 }
 
-/// An entry another leader created is reported flushed before `append`
-/// returns; one this node created is reported by the group-commit thread.
+/// Records the name of the thread that reports each fsync: the caller's
+/// for a sync inside `append`, `keel-log-fsync` for a group commit.
+#[derive(Default)]
+struct FsyncThreads(std::sync::Mutex<Vec<String>>);
+
+impl keel_storage::StorageHooks for FsyncThreads {
+    fn fsync(&self, _elapsed: std::time::Duration) {
+        let name = std::thread::current().name().unwrap_or("?").to_string();
+        self.0.lock().unwrap().push(name);
+    }
+}
+
+/// A single entry another leader created is reported flushed before
+/// `append` returns, synced by the caller; several entries in one append
+/// (a loaded leader's batch) and an entry this node created go to the
+/// group-commit thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_followers_append_is_flushed_when_it_returns() {
+async fn a_followers_single_entry_append_is_flushed_when_it_returns() {
     use openraft::entry::RaftEntry;
     use openraft::impls::leader_id_adv::LeaderId;
     use openraft::storage::IOFlushed;
@@ -79,7 +94,8 @@ async fn a_followers_append_is_flushed_when_it_returns() {
     use openraft::type_config::TypeConfigExt;
 
     let td = TempDir::new().expect("temp dir");
-    let mut log = LogStore::open(&td.path().join("log"), Arc::new(NoHooks))
+    let threads = Arc::new(FsyncThreads::default());
+    let mut log = LogStore::open(&td.path().join("log"), threads.clone())
         .expect("open the log")
         .with_local_node(1);
     let entry = |leader: u64, index: u64| {
@@ -93,29 +109,49 @@ async fn a_followers_append_is_flushed_when_it_returns() {
         );
         e
     };
+    let quiet = || std::thread::sleep(keel_storage::log_store::IDLE_BEFORE_INLINE_SYNC * 2);
+    let syncs = || threads.0.lock().unwrap().clone();
 
+    quiet();
     let (tx, rx) = TypeConfig::oneshot();
-    log.append([entry(2, 1), entry(2, 2)], IOFlushed::signal(tx))
-        .await
-        .expect("append");
+    log.append([entry(2, 1)], IOFlushed::signal(tx)).await.expect("append");
     // A zero timeout still polls the receiver once: it must be ready now.
     let now = tokio::time::timeout(std::time::Duration::ZERO, rx).await;
     assert!(
         matches!(now, Ok(Ok(Ok(())))),
-        "entries from leader 2 are synced before append returns: {now:?}"
+        "an entry from leader 2 is synced before append returns: {now:?}"
+    );
+    let me = std::thread::current().name().unwrap_or("?").to_string();
+    assert_eq!(syncs(), vec![me.clone()], "synced by the caller");
+
+    quiet();
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append([entry(2, 2), entry(2, 3)], IOFlushed::signal(tx))
+        .await
+        .expect("append");
+    let flushed = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
+        .await
+        .expect("the group-commit thread reports the flush");
+    assert!(matches!(flushed, Ok(Ok(()))), "two entries flushed: {flushed:?}");
+    assert_eq!(
+        syncs(),
+        vec![me.clone(), "keel-log-fsync".to_string()],
+        "an append of two entries is group-committed"
     );
 
+    quiet();
     let (tx, rx) = TypeConfig::oneshot();
-    log.append([entry(1, 3)], IOFlushed::signal(tx)).await.expect("append");
+    log.append([entry(1, 4)], IOFlushed::signal(tx)).await.expect("append");
     let flushed = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
         .await
         .expect("the group-commit thread reports the flush");
     assert!(matches!(flushed, Ok(Ok(()))), "own entry flushed: {flushed:?}");
+    assert_eq!(syncs().last().map(String::as_str), Some("keel-log-fsync"));
 
     let mut reader = log.get_log_reader().await;
     use openraft::RaftLogReader;
-    let read = reader.try_get_log_entries(1..4).await.expect("read back");
-    assert_eq!(read.iter().map(|e| e.index()).collect::<Vec<_>>(), vec![1, 2, 3]);
+    let read = reader.try_get_log_entries(1..5).await.expect("read back");
+    assert_eq!(read.iter().map(|e| e.index()).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
 }
 
 /// Appends blank entries of `term` at `indexes` as this node's own (the
