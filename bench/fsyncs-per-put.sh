@@ -30,8 +30,7 @@ dir=$(mktemp -d -t keel-fsyncs.XXXXXX)
 pids=()
 counters=()
 cleanup() {
-    for p in "${counters[@]}" "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    stop_pids "${counters[@]}" "${pids[@]}"
     rm -rf "$dir"
 }
 trap cleanup EXIT

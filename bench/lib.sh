@@ -40,6 +40,13 @@ start_nodes() {
     done
 }
 
+# Stops the given pids (children of this shell) and waits for them.
+stop_pids() {
+    local p
+    for p in "$@"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+
 # Installs the Debian package PACKAGE when COMMAND is not on the PATH.
 ensure_installed() {
     local command=$1 package=$2 sudo=""

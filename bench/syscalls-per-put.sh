@@ -33,8 +33,7 @@ dir=$(mktemp -d -t keel-syscalls.XXXXXX)
 pids=()
 tracers=()
 cleanup() {
-    for p in "${tracers[@]}" "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    stop_pids "${tracers[@]}" "${pids[@]}"
     rm -rf "$dir"
 }
 trap cleanup EXIT
