@@ -174,8 +174,8 @@ pub const IDLE_BEFORE_INLINE_SYNC: std::time::Duration = std::time::Duration::fr
 /// ... and only if it carries at most this many entries. A single writer's
 /// appends carry one entry each. Under load the leader batches, and its
 /// appends can come further apart than [`IDLE_BEFORE_INLINE_SYNC`] while
-/// carrying many entries each (64 writers on two cores: about 12 entries,
-/// 1.7 ms apart), so the time alone sent most of a loaded follower's syncs
+/// carrying many entries each (64 writers on two cores: some 11 entries
+/// on average), so the time alone sent most of a loaded follower's syncs
 /// down the inline path (bench/README.md, change 22).
 pub const INLINE_SYNC_MAX_ENTRIES: usize = 1;
 
