@@ -6,8 +6,9 @@
 //!
 //! Latency is measured from the moment an operation was due: when a target
 //! `--rate` is set, an operation that starts late because the previous one
-//! was slow counts its wait (no coordinated omission). Without a rate each
-//! client sends its next request as soon as the previous one answered.
+//! was slow counts its wait (no coordinated omission); one whose client was
+//! idle counts from when its timer woke it (`measured_from`). Without a rate
+//! each client sends its next request as soon as the previous one answered.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -337,6 +338,9 @@ where
         let (op, next, total) = (op.clone(), next.clone(), total.clone());
         tasks.push(tokio::spawn(async move {
             let mut rec = Recorder::new();
+            // How late this client's timer has woken it, in all: its
+            // schedule moves by that much (see `measured_from`).
+            let mut slip = Duration::ZERO;
             loop {
                 let seq = next.fetch_add(1, Ordering::Relaxed);
                 if count.is_some_and(|c| seq >= c) {
@@ -344,12 +348,15 @@ where
                 }
                 let due = match rate {
                     Some(r) => {
-                        let due = start + Duration::from_secs_f64(seq as f64 / r);
+                        let due = start + Duration::from_secs_f64(seq as f64 / r) + slip;
                         if deadline.is_some_and(|d| due >= d) {
                             break;
                         }
+                        let idle = Instant::now() < due;
                         tokio::time::sleep_until(due.into()).await;
-                        due
+                        let from = measured_from(due, idle, Instant::now());
+                        slip += from - due;
+                        from
                     }
                     None => {
                         let now = Instant::now();
@@ -378,6 +385,18 @@ where
     let elapsed = start.elapsed();
     let rec = std::mem::take(&mut *total.lock().expect("recorder lock"));
     (rec, elapsed)
+}
+
+/// Where a rate-limited operation's latency is measured from. A client that
+/// was behind schedule when the operation fell due (earlier operations were
+/// slow) counts from `due`, so the wait they caused is not omitted. A client
+/// that was idle and slept until `due` counts from when it woke: the timer
+/// wakes it up to a millisecond or more late (tokio's timer wheel ticks once
+/// a millisecond), and that lateness is the load generator's, not the
+/// server's. The client's later operations fall due that much later too
+/// (its `slip`), or the lateness would come back as a wait behind schedule.
+fn measured_from(due: Instant, idle: bool, woke: Instant) -> Instant {
+    if idle { woke.max(due) } else { due }
 }
 
 /// Latency percentiles in milliseconds.
@@ -513,6 +532,19 @@ mod tests {
             read_fraction: 0.5,
             json: true,
         }
+    }
+
+    #[test]
+    fn a_timers_lateness_is_not_counted_but_a_slow_servers_wait_is() {
+        let due = Instant::now();
+        let late = due + Duration::from_millis(2);
+        // Idle, woken 2 ms late by the timer: counted from the wake-up.
+        assert_eq!(measured_from(due, true, late), late);
+        // Behind schedule (the previous operation ran past `due`): the
+        // whole wait counts.
+        assert_eq!(measured_from(due, false, late), due);
+        // The start is never before `due`, whatever the clock read.
+        assert_eq!(measured_from(late, true, due), late);
     }
 
     #[test]
