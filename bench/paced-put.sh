@@ -39,20 +39,20 @@ leader=$(wait_leader 28101)
 ep="http://127.0.0.1:2810$leader"
 "$keel" bench --endpoints "$ep" --workload put --clients 8 --count 500 >/dev/null
 
-echo "round client load p50_ms p99_ms"
+echo "round client load ops_s p50_ms p99_ms"
 for round in $(seq 1 "$rounds"); do
     for load in "--count 2000" "--count 300 --rate 50" "--count 500 --rate 200"; do
         for c in "${clients[@]}"; do
             # shellcheck disable=SC2086 # $load is a list of options
-            read -r p50 p99 < <(timeout 120 "$c" bench --endpoints "$ep" --workload put --clients 1 $load --json |
+            read -r ops_s p50 p99 < <(timeout 120 "$c" bench --endpoints "$ep" --workload put --clients 1 $load --json |
                 python3 -c 'import json,sys
 r = json.load(sys.stdin)
 if r["errors"] or not r["ops"]:
     sys.exit("%d errors, %d puts" % (r["errors"], r["ops"]))
-print(r["latency_ms"]["p50"], r["latency_ms"]["p99"])')
+print(round(r["throughput"]), r["latency_ms"]["p50"], r["latency_ms"]["p99"])')
             rate=${load#*--rate }
             [[ $rate == "$load" ]] && rate="back-to-back"
-            echo "$round $(basename "$c") $rate $p50 $p99"
+            echo "$round $(basename "$c") $rate $ops_s $p50 $p99"
         done
     done
 done

@@ -333,14 +333,12 @@ where
     let deadline = args.duration.map(|d| start + Duration::from_secs_f64(d));
     let rate = args.effective_rate();
     let total = Arc::new(Mutex::new(Recorder::new()));
+    let pacer = Arc::new(Pacer::start());
     let mut tasks = Vec::new();
     for client in 0..args.clients {
-        let (op, next, total) = (op.clone(), next.clone(), total.clone());
+        let (op, next, total, pacer) = (op.clone(), next.clone(), total.clone(), pacer.clone());
         tasks.push(tokio::spawn(async move {
             let mut rec = Recorder::new();
-            // How late this client's timer has woken it, in all: its
-            // schedule moves by that much (see `measured_from`).
-            let mut slip = Duration::ZERO;
             loop {
                 let seq = next.fetch_add(1, Ordering::Relaxed);
                 if count.is_some_and(|c| seq >= c) {
@@ -348,15 +346,15 @@ where
                 }
                 let due = match rate {
                     Some(r) => {
-                        let due = start + Duration::from_secs_f64(seq as f64 / r) + slip;
+                        let due = start + Duration::from_secs_f64(seq as f64 / r);
                         if deadline.is_some_and(|d| due >= d) {
                             break;
                         }
                         let idle = Instant::now() < due;
-                        tokio::time::sleep_until(due.into()).await;
-                        let from = measured_from(due, idle, Instant::now());
-                        slip += from - due;
-                        from
+                        if idle {
+                            pacer.sleep_until(due).await;
+                        }
+                        measured_from(due, idle, Instant::now())
                     }
                     None => {
                         let now = Instant::now();
@@ -390,13 +388,116 @@ where
 /// Where a rate-limited operation's latency is measured from. A client that
 /// was behind schedule when the operation fell due (earlier operations were
 /// slow) counts from `due`, so the wait they caused is not omitted. A client
-/// that was idle and slept until `due` counts from when it woke: the timer
-/// wakes it up to a millisecond or more late (tokio's timer wheel ticks once
-/// a millisecond), and that lateness is the load generator's, not the
-/// server's. The client's later operations fall due that much later too
-/// (its `slip`), or the lateness would come back as a wait behind schedule.
+/// that was idle and slept until `due` counts from when it woke: a timer
+/// wakes it late, and that lateness is the load generator's, not the
+/// server's.
 fn measured_from(due: Instant, idle: bool, woke: Instant) -> Instant {
     if idle { woke.max(due) } else { due }
+}
+
+/// Wakes paced clients at their due instants, to within the operating
+/// system's timer slack (some 50 µs on Linux) rather than tokio's
+/// millisecond: a thread of its own sleeps until the earliest instant any
+/// client waits for. tokio's timer woke clients up to about 1.5 ms late;
+/// a client late by more than its period then fell behind schedule, where
+/// the lateness counts as the server's.
+struct Pacer {
+    shared: Arc<PacerShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct PacerShared {
+    queue: Mutex<PacerQueue>,
+}
+
+#[derive(Default)]
+struct PacerQueue {
+    wakes: std::collections::BinaryHeap<std::cmp::Reverse<Wake>>,
+    seq: u64,
+    stopped: bool,
+}
+
+struct Wake {
+    at: Instant,
+    seq: u64,
+    tx: tokio::sync::oneshot::Sender<()>,
+}
+
+impl PartialEq for Wake {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Wake {}
+impl PartialOrd for Wake {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Wake {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+impl Pacer {
+    fn start() -> Self {
+        let shared = Arc::new(PacerShared::default());
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("bench-pacer".into())
+            .spawn(move || {
+                loop {
+                    let mut q = s.queue.lock().expect("pacer lock");
+                    if q.stopped {
+                        return;
+                    }
+                    let now = Instant::now();
+                    while q.wakes.peek().is_some_and(|w| w.0.at <= now) {
+                        let w = q.wakes.pop().expect("peeked").0;
+                        let _ = w.tx.send(());
+                    }
+                    let next = q.wakes.peek().map(|w| w.0.at - now);
+                    drop(q);
+                    match next {
+                        Some(d) => std::thread::park_timeout(d),
+                        None => std::thread::park(),
+                    }
+                }
+            })
+            .expect("starting the pacer thread");
+        Pacer {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// Returns at `at` or soon after.
+    async fn sleep_until(&self, at: Instant) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut q = self.shared.queue.lock().expect("pacer lock");
+            q.seq += 1;
+            let seq = q.seq;
+            q.wakes.push(std::cmp::Reverse(Wake { at, seq, tx }));
+        }
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
+        }
+        // The sender is dropped only by a stopped pacer, after every client.
+        let _ = rx.await;
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        self.shared.queue.lock().expect("pacer lock").stopped = true;
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
 }
 
 /// Latency percentiles in milliseconds.
@@ -532,6 +633,30 @@ mod tests {
             read_fraction: 0.5,
             json: true,
         }
+    }
+
+    #[tokio::test]
+    async fn the_pacer_wakes_each_sleeper_at_its_instant_in_order() {
+        let pacer = Arc::new(Pacer::start());
+        let t0 = Instant::now();
+        let woke = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        // Registered out of order; each must return at or after its instant.
+        for ms in [30u64, 10, 20, 10] {
+            let (pacer, woke) = (pacer.clone(), woke.clone());
+            tasks.push(tokio::spawn(async move {
+                let at = t0 + Duration::from_millis(ms);
+                pacer.sleep_until(at).await;
+                assert!(Instant::now() >= at);
+                woke.lock().unwrap().push(ms);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*woke.lock().unwrap(), vec![10, 10, 20, 30]);
+        // An instant already past returns at once.
+        pacer.sleep_until(t0).await;
     }
 
     #[test]
