@@ -333,7 +333,8 @@ where
     let deadline = args.duration.map(|d| start + Duration::from_secs_f64(d));
     let rate = args.effective_rate();
     let total = Arc::new(Mutex::new(Recorder::new()));
-    let pacer = Arc::new(Pacer::start());
+    // Only a paced run needs the pacer's thread.
+    let pacer = rate.map(|_| Arc::new(Pacer::start()));
     let mut tasks = Vec::new();
     for client in 0..args.clients {
         let (op, next, total, pacer) = (op.clone(), next.clone(), total.clone(), pacer.clone());
@@ -351,7 +352,7 @@ where
                             break;
                         }
                         let idle = Instant::now() < due;
-                        if idle {
+                        if let (true, Some(pacer)) = (idle, &pacer) {
                             pacer.sleep_until(due).await;
                         }
                         measured_from(due, idle, Instant::now())
