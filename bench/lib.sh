@@ -40,6 +40,22 @@ start_nodes() {
     done
 }
 
+# Starts a plaintext 3-node cluster of KEEL as `start_nodes` does, in a new
+# temporary directory `dir` (named after NAME) that goes, with the nodes
+# stopped, when the script exits; waits for the leader (`leader`, its API
+# `ep`) and warms the cluster with 500 puts. Sets `dir`, `pids`, `leader`
+# and `ep`.
+start_warm_cluster() {
+    local keel=$1 name=$2 api=$3 raft=$4
+    dir=$(mktemp -d -t "keel-$name.XXXXXX")
+    pids=()
+    trap 'stop_pids "${pids[@]}"; rm -rf "$dir"' EXIT
+    start_nodes "$keel" "$dir" "$api" "$raft"
+    leader=$(wait_leader "${api}1")
+    ep="http://127.0.0.1:$api$leader"
+    "$keel" bench --endpoints "$ep" --workload put --clients 8 --count 500 >/dev/null
+}
+
 # Stops the given pids (children of this shell) and waits for them.
 stop_pids() {
     local p

@@ -26,18 +26,7 @@ clients=("$@")
 for c in "${clients[@]}"; do
     [[ -x $c ]] || { echo "not an executable: $c" >&2; exit 2; }
 done
-dir=$(mktemp -d -t keel-paced.XXXXXX)
-pids=()
-cleanup() {
-    stop_pids "${pids[@]}"
-    rm -rf "$dir"
-}
-trap cleanup EXIT
-
-start_nodes "$keel" "$dir" 2810 2812
-leader=$(wait_leader 28101)
-ep="http://127.0.0.1:2810$leader"
-"$keel" bench --endpoints "$ep" --workload put --clients 8 --count 500 >/dev/null
+start_warm_cluster "$keel" paced 2810 2812
 
 echo "round client load ops_s p50_ms p99_ms"
 for round in $(seq 1 "$rounds"); do

@@ -29,18 +29,7 @@ rate=${3:-}
 [[ $puts =~ ^[1-9][0-9]*$ ]] || { echo "PUTS must be a positive integer, got '$puts'" >&2; exit 2; }
 [[ -z $rate || $rate =~ ^[1-9][0-9]*$ ]] || { echo "RATE must be a positive integer, got '$rate'" >&2; exit 2; }
 command -v perf >/dev/null || { echo "perf is needed (Debian: linux-perf)" >&2; exit 2; }
-dir=$(mktemp -d -t keel-sched.XXXXXX)
-pids=()
-cleanup() {
-    stop_pids "${pids[@]}"
-    rm -rf "$dir"
-}
-trap cleanup EXIT
-
-start_nodes "$keel" "$dir" 2810 2811
-leader=$(wait_leader 28101)
-ep="http://127.0.0.1:2810$leader"
-"$keel" bench --endpoints "$ep" --workload put --clients 8 --count 500 >/dev/null
+start_warm_cluster "$keel" sched 2810 2811
 
 args=(--endpoints "$ep" --workload put --clients 1 --count "$puts" --json)
 [[ -n $rate ]] && args+=(--rate "$rate")
