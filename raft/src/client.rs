@@ -444,24 +444,63 @@ pub struct PeerNetwork {
 /// producer (and whatever it was waiting on); the body then ends.
 struct ClosableInput<S>(Arc<std::sync::Mutex<Option<S>>>);
 
-/// Lets a request without entries (a commit update or a heartbeat) wait
-/// until the tasks already woken have run. A commit wakes both the apply and
-/// the replication streams; the apply and the client's answer then go out
-/// before the followers hear of the new commit, instead of after a socket
-/// write to each of them. Only the followers' apply (and the reads they
-/// serve, which wait for it) waits on that update, and only for one turn of
-/// the event loop. Order within the stream is kept.
-fn entry_less_after_woken_tasks<S>(requests: S) -> impl futures::Stream<Item = AppendEntriesRequest<TypeConfig>>
+/// How long a request without entries (in a replication stream, a commit
+/// update) is held back in case a request with entries follows, which then
+/// goes in its place.
+pub const COMMIT_UPDATE_HOLD: Duration = Duration::from_millis(1);
+
+/// Holds each request without entries back for up to `hold`, and drops it
+/// if another request comes from openraft meanwhile.
+///
+/// A commit wakes the apply and the replication streams. With no new
+/// entries to send, openraft sends each follower an empty append with the
+/// new commit index, and each follower then makes a round trip of its own
+/// for it (read, openraft's handling, answer, and the leader's read of the
+/// answer). Under load, and between one writer's puts, the next append
+/// comes soon after, and it carries a commit index as new or newer. The
+/// update is dropped then, and the follower learns of the commit with that
+/// append. Otherwise it goes out after `hold`. That is also after the
+/// tasks already woken have run, so the leader's apply and the client's
+/// answer never wait for the socket writes to the followers.
+///
+/// Dropping is safe: an empty append only repeats an entry the follower
+/// already matched and carries a commit index, and the next request
+/// carries one at least as new. openraft matches the answers to its
+/// requests by log id, not one by one: the next answer acknowledges the
+/// dropped request as well. What waits is a follower's apply (and its local
+/// reads and watches), by at most `hold` when no append follows. A
+/// linearizable read through a follower waits for that apply, but the
+/// leader's read index goes out as a heartbeat, which carries the commit
+/// index.
+fn commit_updates_held<S>(
+    requests: S,
+    hold: Duration,
+) -> futures::stream::BoxStream<'static, AppendEntriesRequest<TypeConfig>>
 where
-    S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>>,
+    S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static,
 {
     use futures::StreamExt;
-    requests.then(|req| async move {
-        if req.entries.is_empty() {
-            tokio::task::yield_now().await;
-        }
-        req
-    })
+    futures::stream::unfold(
+        (Box::pin(requests.fuse()), None::<AppendEntriesRequest<TypeConfig>>),
+        move |(mut inner, mut held)| async move {
+            loop {
+                let next = match held.take() {
+                    None => inner.next().await,
+                    Some(h) => match tokio::time::timeout(hold, inner.next()).await {
+                        Ok(Some(next)) => Some(next),
+                        // Nothing else came, or the call ends: send it now.
+                        Ok(None) | Err(_) => return Some((h, (inner, None))),
+                    },
+                };
+                match next {
+                    None => return None,
+                    Some(req) if req.entries.is_empty() => held = Some(req),
+                    Some(req) => return Some((req, (inner, None))),
+                }
+            }
+        },
+    )
+    .boxed()
 }
 
 /// Closes the [`ClosableInput`] it was made with when dropped.
@@ -563,7 +602,7 @@ impl PeerNetwork {
         pending.store(1, Ordering::Relaxed);
         let (purged, target) = (self.purged.clone(), self.target);
         let (mut first_taken, mut behind) = (false, 0u32);
-        let requests = entry_less_after_woken_tasks(futures::stream::iter([first]).chain(input));
+        let requests = commit_updates_held(futures::stream::iter([first]).chain(input), COMMIT_UPDATE_HOLD);
         let frames = requests.map(move |req| {
             if first_taken {
                 sent.fetch_add(1, Ordering::Relaxed);
@@ -1103,7 +1142,7 @@ mod tests {
     }
 
     /// Whether a task woken just after the request arrived has run by the
-    /// time `entry_less_after_woken_tasks` hands the request on.
+    /// time `commit_updates_held` hands the request on.
     async fn woken_task_ran_first(request: AppendEntriesRequest<TypeConfig>) -> bool {
         let (tx, rx) = futures::channel::mpsc::unbounded();
         let notify = Arc::new(tokio::sync::Notify::new());
@@ -1118,7 +1157,7 @@ mod tests {
         let reader = tokio::spawn({
             let ran = ran.clone();
             async move {
-                let mut requests = std::pin::pin!(entry_less_after_woken_tasks(rx));
+                let mut requests = std::pin::pin!(commit_updates_held(rx, COMMIT_UPDATE_HOLD));
                 requests.next().await.expect("a request");
                 ran.load(Ordering::SeqCst)
             }
@@ -1145,6 +1184,68 @@ mod tests {
             payload: openraft::EntryPayload::Blank,
         });
         assert!(!woken_task_ran_first(with_entry).await, "entries go out at once");
+    }
+
+    fn with_entries(commit: u64, indexes: std::ops::RangeInclusive<u64>) -> AppendEntriesRequest<TypeConfig> {
+        let leader = openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 };
+        let mut r = commit_update(commit);
+        r.entries = indexes
+            .map(|i| keel_storage::types::Entry {
+                log_id: keel_storage::types::LogId::new(leader, i),
+                payload: openraft::EntryPayload::Blank,
+            })
+            .collect();
+        r
+    }
+
+    fn commit_update(commit: u64) -> AppendEntriesRequest<TypeConfig> {
+        let leader = openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 };
+        let mut r = heartbeat();
+        r.leader_commit = Some(keel_storage::types::LogId::new(leader, commit));
+        r
+    }
+
+    fn commits(reqs: &[AppendEntriesRequest<TypeConfig>]) -> Vec<(Option<u64>, usize)> {
+        reqs.iter()
+            .map(|r| (r.leader_commit.as_ref().map(|c| c.index), r.entries.len()))
+            .collect()
+    }
+
+    /// A commit update that a request with entries follows within the hold
+    /// is dropped; two in a row leave the newer; one that nothing follows
+    /// goes out once the hold has passed, or when openraft ends the call.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_commit_update_gives_way_to_the_next_request() {
+        let hold = Duration::from_secs(3600);
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut out = std::pin::pin!(commit_updates_held(rx, hold));
+        tx.unbounded_send(commit_update(1)).unwrap();
+        tx.unbounded_send(commit_update(2)).unwrap();
+        tx.unbounded_send(with_entries(2, 3..=4)).unwrap();
+        let first = out.next().await.expect("a request");
+        assert_eq!(commits(&[first]), vec![(Some(2), 2)], "the updates gave way");
+        tx.unbounded_send(commit_update(3)).unwrap();
+        tx.unbounded_send(commit_update(4)).unwrap();
+        drop(tx);
+        let rest: Vec<_> = out.collect().await;
+        assert_eq!(
+            commits(&rest),
+            vec![(Some(4), 0)],
+            "the newest update goes out as the call ends"
+        );
+
+        let hold = Duration::from_millis(50);
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut out = std::pin::pin!(commit_updates_held(rx, hold));
+        let start = std::time::Instant::now();
+        tx.unbounded_send(commit_update(5)).unwrap();
+        let sent = tokio::time::timeout(Duration::from_secs(30), out.next())
+            .await
+            .expect("sent after the hold")
+            .expect("a request");
+        assert!(start.elapsed() >= hold, "held for {:?}", start.elapsed());
+        assert_eq!(commits(&[sent]), vec![(Some(5), 0)]);
+        drop(tx);
     }
 
     async fn results_of(addr: &str, requests: usize) -> Vec<Result<StreamAppendResult<TypeConfig>, String>> {
