@@ -1249,7 +1249,9 @@ mod tests {
     }
 
     async fn results_of(addr: &str, requests: usize) -> Vec<Result<StreamAppendResult<TypeConfig>, String>> {
-        let requests = (0..requests).map(|_| heartbeat()).collect();
+        // Each with an entry: requests without one may give way to the next
+        // (`commit_updates_held`), and these tests count requests.
+        let requests = (1..=requests as u64).map(|i| with_entries(0, i..=i)).collect();
         results_with(addr, requests, Purged::default()).await
     }
 
@@ -1321,6 +1323,9 @@ mod tests {
     /// below the purge point while a snapshot is on its way: as the one
     /// request of its call it goes through. A second request below the
     /// purge point in one call is a stale payload, and the call fails.
+    /// (openraft produces a stale payload's requests 10 ms apart, beyond
+    /// `COMMIT_UPDATE_HOLD`, so those without entries do not give way to
+    /// each other; here both carry an entry and cannot.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_request_below_the_purge_point_fails_the_call() {
         use openraft::impls::leader_id_adv::LeaderId;
@@ -1337,7 +1342,11 @@ mod tests {
         assert!(matches!(&results[0], Ok(Ok(Some(l))) if l.index == 3), "{results:?}");
 
         let (addr, _stop) = peer_answering(2).await;
-        let results = results_with(&addr, vec![behind.clone(), behind], purged).await;
+        let behind_with_entry = AppendEntriesRequest::<TypeConfig> {
+            prev_log_id: behind.prev_log_id,
+            ..with_entries(0, 4..=4)
+        };
+        let results = results_with(&addr, vec![behind_with_entry.clone(), behind_with_entry], purged).await;
         assert!(matches!(results.last(), Some(Err(_))), "{results:?}");
     }
 
