@@ -447,7 +447,7 @@ struct ClosableInput<S>(Arc<std::sync::Mutex<Option<S>>>);
 /// How long a request without entries (in a replication stream, a commit
 /// update) is held back in case a request with entries follows, which then
 /// goes in its place.
-pub const COMMIT_UPDATE_HOLD: Duration = Duration::from_millis(1);
+const COMMIT_UPDATE_HOLD: Duration = Duration::from_millis(1);
 
 /// Holds each request without entries back for up to `hold`, and drops it
 /// if another request comes from openraft meanwhile.
@@ -459,7 +459,8 @@ pub const COMMIT_UPDATE_HOLD: Duration = Duration::from_millis(1);
 /// answer). Under load, and between one writer's puts, the next append
 /// comes soon after, and it carries a commit index as new or newer. The
 /// update is dropped then, and the follower learns of the commit with that
-/// append. Otherwise it goes out after `hold`. That is also after the
+/// append. Otherwise it goes out after `hold`, or at once when openraft ends
+/// the call: a heartbeat is a call of one request and is never held. That is also after the
 /// tasks already woken have run, so the leader's apply and the client's
 /// answer never wait for the socket writes to the followers.
 ///
