@@ -6,8 +6,9 @@
 #
 # e.g. bench/put-ab.sh 3 one=keel multi=keel:KEEL_WORKER_THREADS=0
 #
-# WORKLOAD=get (or stale-get, mixed, acquire), CLIENTS and CONNECTIONS
-# change the measured phase (default: put, 64 clients, one connection each).
+# WORKLOAD=get (or stale-get, mixed, acquire, watch), CLIENTS, CONNECTIONS
+# and RATE (operations per second, all clients; writes for watch) change the
+# measured phase (default: put, 64 clients, one connection each, no limit).
 #
 # Per run: a fresh plaintext 3-node cluster on loopback (ports 25001-25103,
 # data in a new temporary directory), 2 s of 64-client puts to warm it, the
@@ -24,6 +25,8 @@ rounds=3
 workload=${WORKLOAD:-put}
 clients=${CLIENTS:-64}
 conns=${CONNECTIONS:-$clients}
+rate=()
+[[ -n "${RATE:-}" ]] && rate=(--rate "$RATE")
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
     rounds=$1
     shift
@@ -68,7 +71,7 @@ run() {
     local t0 t1 out
     t0=$(cpu_ticks "${pids[@]}")
     out=$("$loadgen" bench --endpoints "$all" --workload "$workload" --clients "$clients" \
-        --connections "$conns" --duration 8 --json)
+        --connections "$conns" "${rate[@]}" --duration 8 --json)
     t1=$(cpu_ticks "${pids[@]}")
     python3 - "$label" "$l1" "$f1" "$t0" "$t1" "$(getconf CLK_TCK)" "$out" "$workload $clients/$conns" <<'EOF'
 import json, sys

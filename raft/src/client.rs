@@ -449,20 +449,30 @@ struct ClosableInput<S>(Arc<std::sync::Mutex<Option<S>>>);
 /// goes in its place.
 const COMMIT_UPDATE_HOLD: Duration = Duration::from_millis(1);
 
+/// A commit update is held only while requests with entries come at most
+/// this far apart: then the next one is likely to come within the hold.
+/// Slower writes (a control plane's usual pace) would only make each
+/// follower's apply, and the watchers there, wait out the hold.
+const COMMIT_UPDATE_HOLD_WHEN_WITHIN: Duration = Duration::from_millis(2);
+
 /// Holds each request without entries back for up to `hold`, and drops it
-/// if another request comes from openraft meanwhile.
+/// if another request comes from openraft meanwhile; only while requests
+/// with entries come at most `within` apart.
 ///
 /// A commit wakes the apply and the replication streams. With no new
 /// entries to send, openraft sends each follower an empty append with the
 /// new commit index, and each follower then makes a round trip of its own
 /// for it (read, openraft's handling, answer, and the leader's read of the
-/// answer). Under load, and between one writer's puts, the next append
-/// comes soon after, and it carries a commit index as new or newer. The
-/// update is dropped then, and the follower learns of the commit with that
-/// append. Otherwise it goes out after `hold`, or at once when openraft ends
-/// the call: a heartbeat is a call of one request and is never held. That is also after the
-/// tasks already woken have run, so the leader's apply and the client's
-/// answer never wait for the socket writes to the followers.
+/// answer). Under load, and between one writer's back-to-back puts, the
+/// next append comes soon after, and it carries a commit index as new or
+/// newer. The update is dropped then, and the follower learns of the
+/// commit with that append. Otherwise it goes out after `hold`, or at once
+/// when openraft ends the call: a heartbeat is a call of one request and
+/// is never held. When the last two requests with entries came more than
+/// `within` apart (or there were not two yet), the update is not held: it
+/// goes out after one yield. The hold and the yield both put it after the
+/// tasks already woken, so the leader's apply and the client's answer
+/// never wait for the socket writes to the followers.
 ///
 /// Dropping is safe: an empty append only repeats an entry the follower
 /// already matched and carries a commit index, and the next request
@@ -476,27 +486,50 @@ const COMMIT_UPDATE_HOLD: Duration = Duration::from_millis(1);
 fn commit_updates_held<S>(
     requests: S,
     hold: Duration,
+    within: Duration,
 ) -> futures::stream::BoxStream<'static, AppendEntriesRequest<TypeConfig>>
 where
     S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static,
 {
     use futures::StreamExt;
+    // When the last request with entries came, and how long after the one
+    // before it.
+    struct Pace {
+        last: Option<std::time::Instant>,
+        gap: Option<Duration>,
+    }
     futures::stream::unfold(
-        (Box::pin(requests.fuse()), None::<AppendEntriesRequest<TypeConfig>>),
-        move |(mut inner, mut held)| async move {
+        (
+            Box::pin(requests.fuse()),
+            None::<AppendEntriesRequest<TypeConfig>>,
+            Pace { last: None, gap: None },
+        ),
+        move |(mut inner, mut held, mut pace)| async move {
             loop {
                 let next = match held.take() {
                     None => inner.next().await,
                     Some(h) => match tokio::time::timeout(hold, inner.next()).await {
                         Ok(Some(next)) => Some(next),
                         // Nothing else came, or the call ends: send it now.
-                        Ok(None) | Err(_) => return Some((h, (inner, None))),
+                        Ok(None) | Err(_) => return Some((h, (inner, None, pace))),
                     },
                 };
                 match next {
                     None => return None,
-                    Some(req) if req.entries.is_empty() => held = Some(req),
-                    Some(req) => return Some((req, (inner, None))),
+                    Some(req) if req.entries.is_empty() => {
+                        if pace.gap.is_some_and(|g| g <= within) {
+                            held = Some(req);
+                        } else {
+                            tokio::task::yield_now().await;
+                            return Some((req, (inner, None, pace)));
+                        }
+                    }
+                    Some(req) => {
+                        let now = std::time::Instant::now();
+                        pace.gap = pace.last.map(|t| now.saturating_duration_since(t));
+                        pace.last = Some(now);
+                        return Some((req, (inner, None, pace)));
+                    }
                 }
             }
         },
@@ -603,7 +636,11 @@ impl PeerNetwork {
         pending.store(1, Ordering::Relaxed);
         let (purged, target) = (self.purged.clone(), self.target);
         let (mut first_taken, mut behind) = (false, 0u32);
-        let requests = commit_updates_held(futures::stream::iter([first]).chain(input), COMMIT_UPDATE_HOLD);
+        let requests = commit_updates_held(
+            futures::stream::iter([first]).chain(input),
+            COMMIT_UPDATE_HOLD,
+            COMMIT_UPDATE_HOLD_WHEN_WITHIN,
+        );
         let frames = requests.map(move |req| {
             if first_taken {
                 sent.fetch_add(1, Ordering::Relaxed);
@@ -1158,7 +1195,11 @@ mod tests {
         let reader = tokio::spawn({
             let ran = ran.clone();
             async move {
-                let mut requests = std::pin::pin!(commit_updates_held(rx, COMMIT_UPDATE_HOLD));
+                let mut requests = std::pin::pin!(commit_updates_held(
+                    rx,
+                    COMMIT_UPDATE_HOLD,
+                    COMMIT_UPDATE_HOLD_WHEN_WITHIN,
+                ));
                 requests.next().await.expect("a request");
                 ran.load(Ordering::SeqCst)
             }
@@ -1212,19 +1253,33 @@ mod tests {
             .collect()
     }
 
+    /// Two requests with entries, so that the stream has seen their pace.
+    fn paced(tx: &futures::channel::mpsc::UnboundedSender<AppendEntriesRequest<TypeConfig>>) {
+        tx.unbounded_send(with_entries(0, 1..=1)).unwrap();
+        tx.unbounded_send(with_entries(0, 2..=2)).unwrap();
+    }
+
     /// A commit update that a request with entries follows within the hold
     /// is dropped; two in a row leave the newer; one that nothing follows
     /// goes out once the hold has passed, or when openraft ends the call.
     #[tokio::test(flavor = "current_thread")]
     async fn a_commit_update_gives_way_to_the_next_request() {
-        let hold = Duration::from_secs(3600);
+        let (hold, within) = (Duration::from_secs(3600), Duration::from_secs(3600));
         let (tx, rx) = futures::channel::mpsc::unbounded();
-        let mut out = std::pin::pin!(commit_updates_held(rx, hold));
+        let mut out = std::pin::pin!(commit_updates_held(rx, hold, within));
+        paced(&tx);
         tx.unbounded_send(commit_update(1)).unwrap();
         tx.unbounded_send(commit_update(2)).unwrap();
         tx.unbounded_send(with_entries(2, 3..=4)).unwrap();
-        let first = out.next().await.expect("a request");
-        assert_eq!(commits(&[first]), vec![(Some(2), 2)], "the updates gave way");
+        let mut first = vec![];
+        for _ in 0..3 {
+            first.push(out.next().await.expect("a request"));
+        }
+        assert_eq!(
+            commits(&first),
+            vec![(Some(0), 1), (Some(0), 1), (Some(2), 2)],
+            "the updates gave way"
+        );
         tx.unbounded_send(commit_update(3)).unwrap();
         tx.unbounded_send(commit_update(4)).unwrap();
         drop(tx);
@@ -1237,7 +1292,10 @@ mod tests {
 
         let hold = Duration::from_millis(50);
         let (tx, rx) = futures::channel::mpsc::unbounded();
-        let mut out = std::pin::pin!(commit_updates_held(rx, hold));
+        let mut out = std::pin::pin!(commit_updates_held(rx, hold, within));
+        paced(&tx);
+        out.next().await.expect("a request");
+        out.next().await.expect("a request");
         let start = std::time::Instant::now();
         tx.unbounded_send(commit_update(5)).unwrap();
         let sent = tokio::time::timeout(Duration::from_secs(30), out.next())
@@ -1247,6 +1305,35 @@ mod tests {
         assert!(start.elapsed() >= hold, "held for {:?}", start.elapsed());
         assert_eq!(commits(&[sent]), vec![(Some(5), 0)]);
         drop(tx);
+    }
+
+    /// While requests with entries come further apart than `within` (or
+    /// before two have come), a commit update is not held: each goes out,
+    /// none gives way.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_commit_update_is_not_held_when_writes_are_slow() {
+        let (hold, within) = (Duration::from_secs(3600), Duration::ZERO);
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut out = std::pin::pin!(commit_updates_held(rx, hold, within));
+        let mut next = async || {
+            tokio::time::timeout(Duration::from_secs(30), out.next())
+                .await
+                .expect("not held")
+                .expect("a request")
+        };
+        // Before any request with entries.
+        tx.unbounded_send(commit_update(1)).unwrap();
+        tx.unbounded_send(commit_update(2)).unwrap();
+        assert_eq!(commits(&[next().await, next().await]), vec![(Some(1), 0), (Some(2), 0)]);
+        // Two requests with entries further apart than `within`.
+        tx.unbounded_send(with_entries(2, 3..=3)).unwrap();
+        next().await;
+        std::thread::sleep(Duration::from_millis(2));
+        tx.unbounded_send(with_entries(2, 4..=4)).unwrap();
+        next().await;
+        tx.unbounded_send(commit_update(3)).unwrap();
+        tx.unbounded_send(commit_update(4)).unwrap();
+        assert_eq!(commits(&[next().await, next().await]), vec![(Some(3), 0), (Some(4), 0)]);
     }
 
     async fn results_of(addr: &str, requests: usize) -> Vec<Result<StreamAppendResult<TypeConfig>, String>> {
