@@ -18,6 +18,9 @@
 # A fresh plaintext 3-node cluster on loopback (ports 28101-28113, data in a
 # new temporary directory), warmed with 500 puts. Tracing costs a little per
 # switch: compare runs of this script, not its latency with other scripts'.
+# The nodes are told apart by their pids and the load generator by its
+# threads' names (keel*, tokio*, bench*), so any other keel process running
+# on the machine meanwhile is counted as load generator.
 # Every process it starts is stopped by pid; every wait is bounded.
 set -euo pipefail
 # shellcheck source=bench/lib.sh
