@@ -268,8 +268,16 @@ fn object_json(key: &str, o: &Object) -> Value {
     })
 }
 
+/// Adds the `x-keel-revision` header. Marked sensitive, which HTTP/2
+/// encodes as a literal never added to the connection's header table
+/// (HPACK): under writes nearly every answer carries a new revision, and
+/// each would otherwise enter the table, push out the headers that do repeat
+/// (`content-type`) and make the encoder search the growing list of stale
+/// revisions for the next one (3 % of a leader's CPU at 64 clients).
 pub(crate) fn with_revision(mut r: Response, revision: u64) -> Response {
-    r.headers_mut().insert("x-keel-revision", revision.into());
+    let mut v = axum::http::HeaderValue::from(revision);
+    v.set_sensitive(true);
+    r.headers_mut().insert("x-keel-revision", v);
     r
 }
 
@@ -455,6 +463,17 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("if-match", "abc".parse().unwrap());
         assert_eq!(precondition(&h).unwrap_err().code, "invalid_header");
+    }
+
+    #[test]
+    fn the_revision_header_stays_out_of_the_hpack_table() {
+        let r = with_revision(StatusCode::OK.into_response(), 1234);
+        let v = &r.headers()["x-keel-revision"];
+        assert_eq!(v, "1234");
+        assert!(
+            v.is_sensitive(),
+            "a new revision per answer must not enter the header table"
+        );
     }
 
     #[test]
