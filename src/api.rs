@@ -273,7 +273,8 @@ fn object_json(key: &str, o: &Object) -> Value {
 /// (HPACK): under writes nearly every answer carries a new revision, and
 /// each would otherwise enter the table, push out the headers that do repeat
 /// (`content-type`) and make the encoder search the growing list of stale
-/// revisions for the next one (3 % of a leader's CPU at 64 clients).
+/// revisions for the next one (about 2.5 % of a leader's samples at 64
+/// clients; bench/README.md, change 26).
 pub(crate) fn with_revision(mut r: Response, revision: u64) -> Response {
     let mut v = axum::http::HeaderValue::from(revision);
     v.set_sensitive(true);
