@@ -107,7 +107,7 @@ impl SnapshotStore {
         fsutil::fsync_dir(&self.dir)?;
         for old in self.finished()? {
             if old < to {
-                fs::remove_file(old)?;
+                remove_if_present(&old)?;
             }
         }
         Ok(to)
@@ -123,36 +123,74 @@ impl SnapshotStore {
         Option<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>>,
         bool,
     )> {
+        self.newest_valid_listed(|| self.finished())
+    }
+
+    /// [`Self::newest_valid`] over the listings `list` gives. A snapshot
+    /// being built meanwhile publishes a newer file and removes the older
+    /// ones, maybe between a listing and the open of a file in it: a listed
+    /// file that is gone means a newer one is in place, so the listing is
+    /// taken again (a bounded number of times; publishing takes a fsync of
+    /// a whole snapshot, far longer than a listing and an open).
+    fn newest_valid_listed(
+        &self,
+        mut list: impl FnMut() -> io::Result<Vec<PathBuf>>,
+    ) -> io::Result<(
+        Option<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>>,
+        bool,
+    )> {
         let mut lost = self.has_quarantined()?;
-        for path in self.finished()?.into_iter().rev() {
-            let file = SnapshotFile::open(path.clone())?;
-            let checked = transfer::identify(&file.file)
-                .map_err(snap_err)
-                .and_then(|(header, _)| decode_meta(&header));
-            match checked {
-                Ok(meta) => {
-                    return Ok((
-                        Some(openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotFile> {
-                            meta,
-                            snapshot: file,
-                        }),
-                        lost,
-                    ));
-                }
-                Err(e) => {
-                    tracing::error!(file = %path.display(), error = %e, "stored snapshot is corrupt; setting it aside");
-                    quarantine(&file)?;
-                    lost = true;
+        let mut relisted = 0;
+        'listing: loop {
+            for path in list()?.into_iter().rev() {
+                let file = match SnapshotFile::open(path.clone()) {
+                    Ok(file) => file,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && relisted < RELIST_LIMIT => {
+                        relisted += 1;
+                        continue 'listing;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let checked = transfer::identify(&file.file)
+                    .map_err(snap_err)
+                    .and_then(|(header, _)| decode_meta(&header));
+                match checked {
+                    Ok(meta) => {
+                        return Ok((
+                            Some(openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotFile> {
+                                meta,
+                                snapshot: file,
+                            }),
+                            lost,
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::error!(file = %path.display(), error = %e, "stored snapshot is corrupt; setting it aside");
+                        quarantine(&file)?;
+                        lost = true;
+                    }
                 }
             }
+            return Ok((None, lost));
         }
-        Ok((None, lost))
     }
 
     fn has_quarantined(&self) -> io::Result<bool> {
         Ok(fs::read_dir(&self.dir)?
             .filter_map(|e| e.ok())
             .any(|e| e.file_name().to_string_lossy().ends_with(".corrupt")))
+    }
+}
+
+/// How many times [`SnapshotStore::newest_valid`] lists the directory again
+/// after a listed file vanished.
+const RELIST_LIMIT: usize = 8;
+
+/// Removes `path`; one already gone (another publish removed it) is fine.
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
 }
 
@@ -253,10 +291,13 @@ fn build(shared: &Shared) -> io::Result<openraft::type_config::alias::SnapshotOf
     }
     let (_, out) = w.finish().map_err(snap_err)?;
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    // Opened before it is published: once in place, the file may be
+    // replaced and removed by a newer snapshot at any moment.
+    let file = fs::File::open(&tmp)?;
     let path = store.publish(&tmp, &meta)?;
     Ok(openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotFile> {
         meta,
-        snapshot: SnapshotFile::open(path)?,
+        snapshot: SnapshotFile { path, file },
     })
 }
 
@@ -384,4 +425,90 @@ fn retire(old: Arc<rocksdb::DB>, sm_dir: PathBuf, keep: u64) {
         drop(old);
         remove(&sm_dir);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::impls::leader_id_adv::LeaderId;
+
+    use super::*;
+
+    /// Publishes an empty snapshot whose last log id has `index`.
+    fn publish_at(store: &SnapshotStore, index: u64) -> PathBuf {
+        let meta = SnapshotMeta {
+            last_log_id: Some(LogId::new(LeaderId { term: 1, node_id: 1 }, index)),
+            last_membership: StoredMembership::default(),
+        };
+        let tmp = store.temp_path();
+        let out = BufWriter::new(fs::File::create(&tmp).unwrap());
+        let w = SnapshotWriter::new(out, &header_for("test", &meta).unwrap()).unwrap();
+        let (_, out) = w.finish().unwrap();
+        out.into_inner().unwrap().sync_all().unwrap();
+        store.publish(&tmp, &meta).unwrap()
+    }
+
+    fn index_of(found: Option<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>>) -> Option<u64> {
+        found.and_then(|s| s.meta.last_log_id.map(|l| l.index))
+    }
+
+    #[test]
+    fn a_snapshot_replaced_between_listing_and_opening_is_found_anew() {
+        let td = tempfile::TempDir::new().unwrap();
+        let store = SnapshotStore::open(td.path(), "test").unwrap();
+        let old = publish_at(&store, 10);
+        // A reader lists the directory, then a newer snapshot is published
+        // (which removes the older one) before the reader opens its file.
+        let stale = vec![old.clone()];
+        publish_at(&store, 20);
+        assert!(!old.exists(), "publishing removes older snapshots");
+        let mut listings = vec![stale].into_iter();
+        let (found, lost) = store
+            .newest_valid_listed(|| listings.next().map_or_else(|| store.finished(), Ok))
+            .expect("a vanished file is not an error");
+        assert_eq!(index_of(found), Some(20));
+        assert!(!lost);
+    }
+
+    #[test]
+    fn a_directory_that_keeps_changing_is_an_error_not_a_loop() {
+        let td = tempfile::TempDir::new().unwrap();
+        let store = SnapshotStore::open(td.path(), "test").unwrap();
+        let gone = td.path().join("00000000000000000005-00000000000000000001.snap");
+        let mut listings = 0;
+        let err = store
+            .newest_valid_listed(|| {
+                listings += 1;
+                Ok(vec![gone.clone()])
+            })
+            .expect_err("gives up");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert_eq!(listings, RELIST_LIMIT + 1);
+    }
+
+    #[test]
+    fn a_snapshot_built_stays_readable_after_a_newer_one_replaces_it() {
+        let td = tempfile::TempDir::new().unwrap();
+        let store = SnapshotStore::open(td.path(), "test").unwrap();
+        publish_at(&store, 10);
+        let (found, _) = store.newest_valid().unwrap();
+        let held = found.expect("a snapshot");
+        publish_at(&store, 20);
+        assert!(!held.snapshot.path.exists());
+        // The handle still reads the whole file, as a transfer in progress needs.
+        let (header, _) = transfer::identify(&held.snapshot.file).expect("still readable");
+        assert_eq!(header.last_index, 10);
+        assert_eq!(index_of(store.newest_valid().unwrap().0), Some(20));
+    }
+
+    #[test]
+    fn removing_a_snapshot_another_publish_removed_is_fine() {
+        let td = tempfile::TempDir::new().unwrap();
+        let path = td.path().join("00000000000000000005-00000000000000000001.snap");
+        remove_if_present(&path).expect("already gone");
+        fs::write(&path, b"x").unwrap();
+        remove_if_present(&path).expect("removed");
+        assert!(!path.exists());
+        let dir_err = remove_if_present(td.path()).expect_err("a directory is not removed");
+        assert_ne!(dir_err.kind(), io::ErrorKind::NotFound);
+    }
 }
