@@ -18,6 +18,14 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
+/// Removes `path`; a file already gone (another task removed it first) is fine.
+pub fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 /// Replaces `path` with `bytes` atomically: write a temp file, fsync it,
 /// rename it over `path`, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -38,6 +46,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn removing_a_file_another_task_removed_is_fine() {
+        let td = tempfile::tempdir().unwrap();
+        let path = td.path().join("00000000000000000005-00000000000000000001.snap");
+        remove_if_present(&path).expect("already gone");
+        fs::write(&path, b"x").unwrap();
+        remove_if_present(&path).expect("removed");
+        assert!(!path.exists());
+        let dir_err = remove_if_present(td.path()).expect_err("a directory is not removed");
+        assert_ne!(dir_err.kind(), io::ErrorKind::NotFound);
+    }
 
     #[test]
     fn private_dir_and_atomic_write() {

@@ -88,12 +88,17 @@ pub fn quarantine(file: &SnapshotFile) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         if entry.file_name().to_string_lossy().ends_with(".corrupt") {
-            fs::remove_file(entry.path())?;
+            fsutil::remove_if_present(&entry.path())?;
         }
     }
     let mut to = file.path.clone().into_os_string();
     to.push(".corrupt");
-    fs::rename(&file.path, &to)?;
+    match fs::rename(&file.path, &to) {
+        // A newer snapshot replaced it meanwhile and removed it: nothing
+        // is left to set aside.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    }
     fsutil::fsync_dir(dir)?;
     tracing::error!(file = %file.path.display(), "corrupt snapshot set aside; a new one will be built");
     Ok(())

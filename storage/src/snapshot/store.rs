@@ -107,7 +107,7 @@ impl SnapshotStore {
         fsutil::fsync_dir(&self.dir)?;
         for old in self.finished()? {
             if old < to {
-                remove_if_present(&old)?;
+                fsutil::remove_if_present(&old)?;
             }
         }
         Ok(to)
@@ -185,14 +185,6 @@ impl SnapshotStore {
 /// How many times [`SnapshotStore::newest_valid`] lists the directory again
 /// after a listed file vanished.
 const RELIST_LIMIT: usize = 8;
-
-/// Removes `path`; one already gone (another publish removed it) is fine.
-fn remove_if_present(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
-}
 
 /// The snapshot openraft should use: the newest stored one that passes the
 /// cheap check, or, when a stored snapshot was found corrupt and none is
@@ -498,17 +490,5 @@ mod tests {
         let (header, _) = transfer::identify(&held.snapshot.file).expect("still readable");
         assert_eq!(header.last_index, 10);
         assert_eq!(index_of(store.newest_valid().unwrap().0), Some(20));
-    }
-
-    #[test]
-    fn removing_a_snapshot_another_publish_removed_is_fine() {
-        let td = tempfile::TempDir::new().unwrap();
-        let path = td.path().join("00000000000000000005-00000000000000000001.snap");
-        remove_if_present(&path).expect("already gone");
-        fs::write(&path, b"x").unwrap();
-        remove_if_present(&path).expect("removed");
-        assert!(!path.exists());
-        let dir_err = remove_if_present(td.path()).expect_err("a directory is not removed");
-        assert_ne!(dir_err.kind(), io::ErrorKind::NotFound);
     }
 }
