@@ -17,7 +17,6 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::io::BufReader;
-use std::io::BufWriter;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,8 +25,6 @@ use openraft::storage::RaftLogStorage;
 
 use super::SnapshotFile;
 use super::format::SnapshotReader;
-use super::format::SnapshotWriter;
-use super::header_for;
 use super::snap_err;
 use crate::NoHooks;
 use crate::types::KeelNode;
@@ -106,15 +103,9 @@ pub async fn restore(backup: &Path, target: &RestoreTarget) -> io::Result<Restor
     tokio::task::spawn_blocking(move || -> io::Result<()> {
         // The same records under a header for the new cluster, installed
         // through the ordinary (verified, atomic) install path.
-        let tmp = shared.snapshots.temp_path();
-        let out = BufWriter::new(fs::File::create(&tmp)?);
-        let mut w = SnapshotWriter::new(out, &header_for(&cluster, &new_meta)?).map_err(snap_err)?;
         let mut r = SnapshotReader::new(BufReader::new(fs::File::open(&src)?)).map_err(snap_err)?;
-        while let Some((k, v)) = r.next_record().map_err(snap_err)? {
-            w.put(&k, &v).map_err(snap_err)?;
-        }
-        let (_, out) = w.finish().map_err(snap_err)?;
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let records = std::iter::from_fn(|| r.next_record().map_err(snap_err).transpose());
+        let tmp = shared.snapshots.write_temp(&cluster, &new_meta, records)?;
         super::install(&shared, &new_meta, SnapshotFile::open(tmp)?)?;
         Ok(())
     })

@@ -80,6 +80,27 @@ impl SnapshotStore {
         self.dir.join(format!("tmp-{}-{n}", std::process::id()))
     }
 
+    /// Writes `records` (in key order) as a snapshot file with the header
+    /// for `cluster_name` and `meta` into a new temporary file of this
+    /// store, fsynced; returns its path, ready to publish or install.
+    pub(super) fn write_temp<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &self,
+        cluster_name: &str,
+        meta: &SnapshotMeta,
+        records: impl Iterator<Item = io::Result<(K, V)>>,
+    ) -> io::Result<PathBuf> {
+        let tmp = self.temp_path();
+        let out = BufWriter::new(fs::File::create(&tmp)?);
+        let mut w = SnapshotWriter::new(out, &header_for(cluster_name, meta)?).map_err(snap_err)?;
+        for record in records {
+            let (k, v) = record?;
+            w.put(k.as_ref(), v.as_ref()).map_err(snap_err)?;
+        }
+        let (_, out) = w.finish().map_err(snap_err)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(tmp)
+    }
+
     fn final_path(&self, meta: &SnapshotMeta) -> PathBuf {
         let (index, term) = meta
             .last_log_id
@@ -239,7 +260,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-pub(super) fn header_for(cluster_name: &str, meta: &SnapshotMeta) -> io::Result<SnapshotHeader> {
+fn header_for(cluster_name: &str, meta: &SnapshotMeta) -> io::Result<SnapshotHeader> {
     let (last_index, last_term) = meta
         .last_log_id
         .as_ref()
@@ -273,16 +294,11 @@ fn build(shared: &Shared) -> io::Result<openraft::type_config::alias::SnapshotOf
         last_membership,
     };
     let store = &shared.snapshots;
-    let tmp = store.temp_path();
-    let out = BufWriter::new(fs::File::create(&tmp)?);
-    let mut w = SnapshotWriter::new(out, &header_for(&store.cluster_name, &meta)?).map_err(snap_err)?;
     let data_cf = db.cf_handle(CF_DATA).expect("data column family");
-    for item in view.iterator_cf(data_cf, IteratorMode::Start) {
-        let (k, v) = item.map_err(db_err)?;
-        w.put(&k, &v).map_err(snap_err)?;
-    }
-    let (_, out) = w.finish().map_err(snap_err)?;
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let records = view
+        .iterator_cf(data_cf, IteratorMode::Start)
+        .map(|item| item.map_err(db_err));
+    let tmp = store.write_temp(&store.cluster_name, &meta, records)?;
     // Opened before it is published: once in place, the file may be
     // replaced and removed by a newer snapshot at any moment.
     let file = fs::File::open(&tmp)?;
@@ -431,11 +447,8 @@ mod tests {
             last_log_id: Some(LogId::new(LeaderId { term: 1, node_id: 1 }, index)),
             last_membership: StoredMembership::default(),
         };
-        let tmp = store.temp_path();
-        let out = BufWriter::new(fs::File::create(&tmp).unwrap());
-        let w = SnapshotWriter::new(out, &header_for("test", &meta).unwrap()).unwrap();
-        let (_, out) = w.finish().unwrap();
-        out.into_inner().unwrap().sync_all().unwrap();
+        let no_records = std::iter::empty::<io::Result<(Vec<u8>, Vec<u8>)>>();
+        let tmp = store.write_temp("test", &meta, no_records).unwrap();
         store.publish(&tmp, &meta).unwrap()
     }
 
