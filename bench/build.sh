@@ -19,6 +19,7 @@ if [[ ! -d "$bench_dir" && -d "$CARGO_TARGET_DIR/debug" ]]; then
     cp -a "$CARGO_TARGET_DIR" "$bench_dir"
 fi
 export CARGO_TARGET_DIR="$bench_dir"
+claim_target_dir
 args=(
     --config 'profile.dev.package.openraft.debug-assertions=false'
     --config 'profile.dev.package.validit.debug-assertions=false'

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/prereqs.sh
 . scripts/env.sh
+claim_target_dir
 cargo build --bin keel
 nodes=3
 dir=keel-dev

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 ./scripts/prereqs.sh
 ./scripts/prereqs-obs.sh
 . scripts/env.sh
+claim_target_dir
 
 # Alert rules and their unit tests (the dashboard's PromQL and a live
 # /metrics scrape are checked with promtool by the cargo tests).
