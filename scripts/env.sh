@@ -10,15 +10,17 @@ export PATH="${KEEL_TOOLS_DIR:-$HOME/.cache/keel-tools}/bin:$PATH"
 # times, are no newer than the last build. Several clones of this
 # repository sharing one target directory can therefore fool it: after a
 # build from another clone, a clone whose files are older would be handed
-# that clone's binaries. When the last build of `keel` there came from
-# another clone (its dep-info names the sources it was built from), the
-# workspace's own crates are cleaned so that they are built from this one.
-# Run from the clone's root, after CARGO_TARGET_DIR is final.
+# that clone's binaries. The target directory remembers which clone built
+# in it last (`.keel-clone`); when that was another one, or is not known,
+# the workspace's own crates are cleaned so that they are built from this
+# clone. Run from the clone's root, after CARGO_TARGET_DIR is final.
 claim_target_dir() {
-    local dep="$CARGO_TARGET_DIR/debug/keel.d"
-    [[ -f $dep ]] || return 0
-    if ! grep -qF -e "$(pwd)/src/main.rs" -e "$(pwd -P)/src/main.rs" "$dep"; then
-        echo "the last keel build in $CARGO_TARGET_DIR came from another clone: rebuilding keel's crates from this one" >&2
+    local mark="$CARGO_TARGET_DIR/.keel-clone" here
+    here=$(pwd -P)
+    [[ "$(cat "$mark" 2>/dev/null)" == "$here" ]] && return 0
+    if [[ -d "$CARGO_TARGET_DIR/debug" ]]; then
+        echo "the last build in $CARGO_TARGET_DIR may have come from another clone: rebuilding keel's crates from this one" >&2
         cargo clean --quiet -p keel -p keel-raft -p keel-storage -p keel-bench-driver
     fi
+    echo "$here" >"$mark"
 }
