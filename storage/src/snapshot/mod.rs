@@ -27,7 +27,6 @@ pub(crate) use store::SnapshotStore;
 #[cfg(feature = "rocksdb")]
 pub(crate) use store::current_or_rebuild;
 #[cfg(feature = "rocksdb")]
-#[cfg(feature = "rocksdb")]
 pub(crate) use store::install;
 #[cfg(feature = "rocksdb")]
 use store::snap_err;

@@ -491,7 +491,7 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_built_stays_readable_after_a_newer_one_replaces_it() {
+    fn a_snapshot_held_open_stays_readable_after_a_newer_one_replaces_it() {
         let td = tempfile::TempDir::new().unwrap();
         let store = SnapshotStore::open(td.path(), "test").unwrap();
         publish_at(&store, 10);
