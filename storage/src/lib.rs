@@ -26,6 +26,7 @@ pub mod snapshot;
 #[cfg(feature = "rocksdb")]
 pub mod state_machine;
 pub mod types;
+pub mod wal_check;
 
 #[cfg(feature = "rocksdb")]
 use std::io;
