@@ -27,7 +27,7 @@ export RUSTC_BOOTSTRAP=1
 
 cd fuzz
 cargo fuzz build --target-dir "$target_dir"
-for t in snapshot_decode peer_decode; do
+for t in snapshot_decode peer_decode wal_scan; do
     corpus="$corpus_root/$t"
     mkdir -p "$corpus"
     cp -n seeds/"$t"/* "$corpus"/

@@ -1,6 +1,6 @@
 //! Writes the seed corpus of the fuzz targets: a few small valid inputs, so
-//! the fuzzer starts from real snapshot files and peer messages instead of
-//! discovering the formats byte by byte.
+//! the fuzzer starts from real snapshot files, peer messages and log files
+//! instead of discovering the formats byte by byte.
 //!
 //! `cargo run --manifest-path fuzz/Cargo.toml --bin seeds -- fuzz/seeds`
 //! (re)writes `fuzz/seeds/<target>/*`; the files are committed.
@@ -19,6 +19,7 @@ use keel_storage::snapshot::format::SnapshotWriter;
 use keel_storage::types::Entry;
 use keel_storage::types::LogId;
 use keel_storage::types::Vote;
+use keel_storage::wal_check::WalWriter;
 use openraft::entry::RaftEntry;
 use openraft::impls::leader_id_adv::LeaderId;
 use openraft::raft::AppendEntriesRequest;
@@ -57,9 +58,30 @@ fn peer(dir: &Path, name: &str, which: u8, body: &[u8]) {
     write(dir, "peer_decode", name, &[&[which][..], body].concat());
 }
 
+/// One input of `wal_scan`: the file's number (4 bytes), then the file.
+fn wal(dir: &Path, name: &str, number: u32, file: &[u8]) {
+    write(dir, "wal_scan", name, &[&number.to_le_bytes()[..], file].concat());
+}
+
 fn main() {
     let dir = std::env::args().nth(1).expect("usage: seeds <output dir>");
     let dir = Path::new(&dir);
+
+    // A fresh file, a legacy one, and a reused one: new records over an
+    // earlier use's.
+    let mut fresh = WalWriter::new(7, true);
+    let mut legacy = WalWriter::new(7, false);
+    let mut old = WalWriter::new(3, true);
+    for i in 0..6u8 {
+        fresh.add(&[i; 40]);
+        legacy.add(&[i; 40]);
+        old.add(&[i; 90]);
+    }
+    wal(dir, "fresh.log", 7, &fresh.out);
+    wal(dir, "legacy.log", 7, &legacy.out);
+    let mut reused = old.out.clone();
+    reused[..fresh.out.len()].copy_from_slice(&fresh.out);
+    wal(dir, "reused.log", 7, &reused);
 
     write(dir, "snapshot_decode", "empty.snap", &snapshot(&[], 1 << 20));
     let records = [

@@ -27,9 +27,10 @@
 //!    checksum or is cut short, and a later file holds records, the end is
 //!    damage too (a crash cuts short only the file being written): refused.
 //!
-//! What the rules cannot see: damage to the last records of the newest file
-//! with nothing of that file after it looks exactly like a write that a
-//! crash cut short, and is dropped like one (see ARCHITECTURE.md).
+//! What the rules cannot see: damage to the newest file's last record (the
+//! last write before the node stopped; any later record of the file would
+//! expose it) looks exactly like a write that a crash cut short, and is
+//! dropped like one (see ARCHITECTURE.md).
 //!
 //! The record format is RocksDB's (`db/log_format.h`): 32 KiB blocks; each
 //! physical record is a masked CRC-32C (4 bytes), a length (2), a type (1),
@@ -368,79 +369,84 @@ mod crc32c {
     }
 }
 
+#[cfg(any(test, feature = "wal-writer"))]
+/// Writes records the way RocksDB's log writer does, for a file `number`,
+/// recyclable or legacy: for tests and the fuzz seeds only (feature
+/// `wal-writer`).
+pub struct WalWriter {
+    /// The file so far.
+    pub out: Vec<u8>,
+    number: u32,
+    recycle: bool,
+    /// Physical records written (fragments count one each).
+    pub records: u64,
+}
+
+#[cfg(any(test, feature = "wal-writer"))]
+impl WalWriter {
+    /// A file `number`; `recycle` picks the recyclable record types.
+    pub fn new(number: u32, recycle: bool) -> Self {
+        Self {
+            out: Vec::new(),
+            number,
+            recycle,
+            records: 0,
+        }
+    }
+
+    /// One logical record, split into fragments at block ends; returns
+    /// where its first fragment starts.
+    pub fn add(&mut self, mut payload: &[u8]) -> usize {
+        let size = if self.recycle { RECYCLABLE_HEADER } else { HEADER };
+        let mut first = true;
+        let mut at = self.out.len();
+        loop {
+            let left = BLOCK - self.out.len() % BLOCK;
+            if left < size {
+                self.out.extend(std::iter::repeat_n(0, left));
+                continue;
+            }
+            if first {
+                at = self.out.len();
+            }
+            let n = payload.len().min(left - size);
+            let last = n == payload.len();
+            let t = match (first, last) {
+                (true, true) => 1,
+                (true, false) => 2,
+                (false, false) => 3,
+                (false, true) => 4,
+            } + if self.recycle { 4 } else { 0 };
+            self.physical(t, &payload[..n]);
+            payload = &payload[n..];
+            first = false;
+            if last {
+                return at;
+            }
+        }
+    }
+
+    fn physical(&mut self, t: u8, data: &[u8]) {
+        let mut crc = crc32c::extend(0, &[t]);
+        let mut head = Vec::new();
+        head.extend((data.len() as u16).to_le_bytes());
+        head.push(t);
+        if recyclable(t) {
+            crc = crc32c::extend(crc, &self.number.to_le_bytes());
+            head.extend(self.number.to_le_bytes());
+        }
+        crc = crc32c::extend(crc, data);
+        let masked = (crc.rotate_right(15)).wrapping_add(0xa282_ead8);
+        self.out.extend(masked.to_le_bytes());
+        self.out.extend(head);
+        self.out.extend(data);
+        self.records += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Writes records the way RocksDB's log writer does, for a file
-    /// `number`, recyclable or legacy.
-    struct Writer {
-        out: Vec<u8>,
-        number: u32,
-        recycle: bool,
-        /// Physical records written (fragments count one each).
-        records: u64,
-    }
-
-    impl Writer {
-        fn new(number: u32, recycle: bool) -> Self {
-            Self {
-                out: Vec::new(),
-                number,
-                recycle,
-                records: 0,
-            }
-        }
-
-        /// One logical record, split into fragments at block ends; returns
-        /// where its first fragment starts.
-        fn add(&mut self, mut payload: &[u8]) -> usize {
-            let size = if self.recycle { RECYCLABLE_HEADER } else { HEADER };
-            let mut first = true;
-            let mut at = self.out.len();
-            loop {
-                let left = BLOCK - self.out.len() % BLOCK;
-                if left < size {
-                    self.out.extend(std::iter::repeat_n(0, left));
-                    continue;
-                }
-                if first {
-                    at = self.out.len();
-                }
-                let n = payload.len().min(left - size);
-                let last = n == payload.len();
-                let t = match (first, last) {
-                    (true, true) => 1,
-                    (true, false) => 2,
-                    (false, false) => 3,
-                    (false, true) => 4,
-                } + if self.recycle { 4 } else { 0 };
-                self.physical(t, &payload[..n]);
-                payload = &payload[n..];
-                first = false;
-                if last {
-                    return at;
-                }
-            }
-        }
-
-        fn physical(&mut self, t: u8, data: &[u8]) {
-            let mut crc = crc32c::extend(0, &[t]);
-            let mut head = Vec::new();
-            head.extend((data.len() as u16).to_le_bytes());
-            head.push(t);
-            if recyclable(t) {
-                crc = crc32c::extend(crc, &self.number.to_le_bytes());
-                head.extend(self.number.to_le_bytes());
-            }
-            crc = crc32c::extend(crc, data);
-            let masked = (crc.rotate_right(15)).wrapping_add(0xa282_ead8);
-            self.out.extend(masked.to_le_bytes());
-            self.out.extend(head);
-            self.out.extend(data);
-            self.records += 1;
-        }
-    }
 
     fn payload(i: usize, len: usize) -> Vec<u8> {
         (0..len).map(|k| (i * 31 + k) as u8).collect()
@@ -451,11 +457,11 @@ mod tests {
     /// each new record starts, and how many physical records the new use
     /// wrote.
     fn recycled_file(number: u32, fresh: usize, stale: usize) -> (Vec<u8>, Vec<usize>, u64) {
-        let mut old = Writer::new(number - 3, true);
+        let mut old = WalWriter::new(number - 3, true);
         for i in 0..stale {
             old.add(&payload(i, 300 + i % 700));
         }
-        let mut new = Writer::new(number, true);
+        let mut new = WalWriter::new(number, true);
         let at: Vec<usize> = (0..fresh).map(|i| new.add(&payload(i + 7, 200 + i % 900))).collect();
         let mut bytes = old.out;
         assert!(new.out.len() < bytes.len(), "the new use is shorter than the old");
@@ -477,13 +483,13 @@ mod tests {
 
     #[test]
     fn a_fresh_file_reads_to_its_end() {
-        let mut w = Writer::new(9, true);
+        let mut w = WalWriter::new(9, true);
         for i in 0..50 {
             w.add(&payload(i, 100));
         }
         let s = scan(&w.out, 9);
         assert_eq!((s.records, s.end, s.recycled), (50, End::Eof, false));
-        let mut legacy = Writer::new(9, false);
+        let mut legacy = WalWriter::new(9, false);
         for i in 0..50 {
             legacy.add(&payload(i, 100));
         }
@@ -493,7 +499,7 @@ mod tests {
 
     #[test]
     fn records_longer_than_a_block_are_read_in_fragments() {
-        let mut w = Writer::new(12, true);
+        let mut w = WalWriter::new(12, true);
         w.add(&payload(1, 70_000));
         w.add(&payload(2, 10));
         let s = scan(&w.out, 12);
@@ -529,7 +535,7 @@ mod tests {
         assert_eq!(s.end_at, last, "{s:?}");
         assert!(s.end_is_own && s.own_after_end.is_none(), "{s:?}");
         // And a fresh file cut inside its last record.
-        let mut w = Writer::new(9, true);
+        let mut w = WalWriter::new(9, true);
         let ats: Vec<usize> = (0..30).map(|i| w.add(&payload(i, 500))).collect();
         let s = scan(&w.out[..ats[29] + 100], 9);
         assert_eq!(
@@ -541,7 +547,7 @@ mod tests {
 
     #[test]
     fn a_zeroed_block_inside_a_legacy_file_is_found() {
-        let mut w = Writer::new(5, false);
+        let mut w = WalWriter::new(5, false);
         for i in 0..400 {
             w.add(&payload(i, 400));
         }
@@ -584,7 +590,7 @@ mod tests {
         // The newest file: a damaged last record reads as a torn write.
         check_dir(td.path()).expect("a torn end of the newest file");
         // With a newer file holding records, it cannot be a torn write.
-        let mut newer = Writer::new(44, true);
+        let mut newer = WalWriter::new(44, true);
         newer.add(b"next");
         write(td.path(), 44, &newer.out);
         let msg = check_dir(td.path()).expect_err("damage").to_string();
