@@ -23,7 +23,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The fault-injection suite (tests/faults.rs) is part of it: its bounded
 # smoke set needs root for network namespaces. `KEEL_FAULTS=long` runs the
 # longer set. Each scenario's result line is printed at the end.
-# Coverage-guided fuzzing of the snapshot and peer-RPC decoders, bounded.
+# Coverage-guided fuzzing of the snapshot and peer-RPC decoders and of the
+# write-ahead log check, bounded.
 ./scripts/fuzz.sh 20
 export KEEL_FAULT_REPORT="${TMPDIR:-/tmp}/keel-fault-report.$$"
 rm -f "$KEEL_FAULT_REPORT"
