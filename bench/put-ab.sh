@@ -68,7 +68,7 @@ EOF
 
 # Mean log fsync in ms between two `fsyncs` readings.
 fsync_mean() {
-    python3 -c 'import sys; s0,c0,s1,c1 = map(float, sys.argv[1:]); print(f"{(s1-s0)/max(1,c1-c0)*1e3:.3f}")' $1 $2
+    python3 -c 'import sys; s0, c0, s1, c1 = map(float, " ".join(sys.argv[1:]).split()); print(f"{(s1 - s0) / max(1, c1 - c0) * 1e3:.3f}")' "$1" "$2"
 }
 
 run() {

@@ -224,11 +224,11 @@ impl LogStore {
         opts.create_missing_column_families(true);
         // Write-ahead log files are reused: a sync of an overwrite inside a
         // file's size needs no second write for the size (bench/README.md,
-        // change 28). RocksDB allows reuse only in point-in-time recovery,
-        // which `wal_check` makes safe. Small memtables and a small limit on
-        // the log files' total size put files up for reuse within seconds
-        // of a start; the log's entries leave the memtable for SST files
-        // early either way (they are purged after each snapshot).
+        // change 28). RocksDB allows reuse only in point-in-time recovery;
+        // the check above stands in for the stricter mode (its module docs
+        // say what it cannot tell apart). Small memtables and a small limit
+        // on the log files' total size put files up for reuse within
+        // seconds of a start, and lower a node's peak memory.
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         opts.set_recycle_log_file_num(WAL_FILES_KEPT);
         opts.set_max_total_wal_size(WAL_TOTAL_BYTES);
