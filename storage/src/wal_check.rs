@@ -199,8 +199,15 @@ fn parse(bytes: &[u8], pos: usize, number: u32, legacy_own: bool) -> Parsed {
 }
 
 /// RocksDB stores a checksum rotated and offset ("masked").
+const MASK_DELTA: u32 = 0xa282_ead8;
+
 fn unmask(masked: u32) -> u32 {
-    masked.wrapping_sub(0xa282_ead8).rotate_left(15)
+    masked.wrapping_sub(MASK_DELTA).rotate_left(15)
+}
+
+#[cfg(any(test, feature = "wal-writer"))]
+fn mask(crc: u32) -> u32 {
+    crc.rotate_right(15).wrapping_add(MASK_DELTA)
 }
 
 /// Reads one write-ahead log file (its bytes and its number).
@@ -266,44 +273,47 @@ pub fn scan(bytes: &[u8], number: u64) -> FileScan {
 
 /// The number of a write-ahead log file (`000123.log` is 123).
 fn wal_number(path: &Path) -> Option<u64> {
-    let name = path.file_name()?.to_str()?;
-    let stem = name.strip_suffix(".log")?;
-    (!stem.is_empty() && stem.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| stem.parse().ok())
-        .flatten()
+    let stem = path.file_name()?.to_str()?.strip_suffix(".log")?;
+    if stem.is_empty() || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+/// The write-ahead log files in `dir` with their numbers, oldest first; none
+/// for a directory that does not exist yet.
+pub fn wal_files(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut files: Vec<(u64, PathBuf)> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|p| wal_number(&p).map(|n| (n, p)))
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    files.sort();
+    Ok(files)
 }
 
 /// Checks every write-ahead log file in `dir` (rules in the module docs).
 /// Damage is an error of kind `InvalidData` that names the file and the
 /// offsets; a directory that does not exist yet holds no damage.
 pub fn check_dir(dir: &Path) -> io::Result<Report> {
-    let mut files: Vec<(u64, PathBuf)> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter_map(|p| wal_number(&p).map(|n| (n, p)))
-            .collect(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Report::default()),
-        Err(e) => return Err(e),
-    };
-    files.sort();
+    let files = wal_files(dir)?;
     let mut report = Report::default();
-    // Files in number order, each with whether a later file holds records.
-    let mut scans = Vec::with_capacity(files.len());
-    for (n, path) in &files {
-        let bytes = std::fs::read(path)?;
-        scans.push((path, scan(&bytes, *n)));
-    }
+    // Newest first, so that each file knows whether a later one holds records.
     let mut later_has_records = false;
-    for (path, s) in scans.iter().rev() {
+    for (n, path) in files.iter().rev() {
+        let s = scan(&std::fs::read(path)?, *n);
         if let Some(at) = s.own_after_end {
             return Err(damage(
                 path,
-                s,
+                &s,
                 &format!("a record of the same file follows at byte {at}"),
             ));
         }
         if s.end_is_own && later_has_records {
-            return Err(damage(path, s, "a newer log file holds records"));
+            return Err(damage(path, &s, "a newer log file holds records"));
         }
         later_has_records |= s.records > 0;
         report.files += 1;
@@ -317,7 +327,7 @@ fn damage(path: &Path, s: &FileScan, after: &str) -> io::Error {
     let what = match s.end {
         End::Unreadable(flaw) => flaw.to_string(),
         End::Stale => "belongs to an earlier use of the file".into(),
-        End::Eof => "is missing".into(),
+        End::Eof => "ends the file".into(),
     };
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -436,8 +446,7 @@ impl WalWriter {
             head.extend(self.number.to_le_bytes());
         }
         crc = crc32c::extend(crc, data);
-        let masked = (crc.rotate_right(15)).wrapping_add(0xa282_ead8);
-        self.out.extend(masked.to_le_bytes());
+        self.out.extend(mask(crc).to_le_bytes());
         self.out.extend(head);
         self.out.extend(data);
         self.records += 1;

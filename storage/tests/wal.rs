@@ -76,17 +76,8 @@ async fn indexes(log: &mut LogStore, upto: u64) -> Vec<u64> {
 
 /// The write-ahead log files of `dir`, oldest first, each with its scan.
 fn wal_files(dir: &Path) -> Vec<(PathBuf, wal_check::FileScan)> {
-    let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+    wal_check::wal_files(dir)
         .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter_map(|p| {
-            let n = p.file_name()?.to_str()?.strip_suffix(".log")?.parse().ok()?;
-            Some((n, p))
-        })
-        .collect();
-    files.sort();
-    files
         .into_iter()
         .map(|(n, p)| {
             let s = wal_check::scan(&std::fs::read(&p).unwrap(), n);
