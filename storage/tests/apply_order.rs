@@ -1,0 +1,87 @@
+//! The order of an apply on the event loop: a batch that no client waits
+//! on (a follower's) gives way to the tasks already woken and to the tasks
+//! they wake, so that a follower's answer to the leader goes out before the
+//! apply of the commit that came with it. Without the yields the test fails:
+//! the state machine's worker, woken first, would apply first.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+
+use keel_storage::NoHooks;
+use keel_storage::model::Command;
+use keel_storage::model::Request;
+use keel_storage::types::Entry;
+use keel_storage::types::LogId;
+use openraft::entry::RaftEntry;
+use openraft::impls::leader_id_adv::LeaderId;
+use openraft::storage::RaftStateMachine;
+use tempfile::TempDir;
+use tokio::sync::Notify;
+
+fn put(index: u64) -> Entry {
+    Entry::new_normal(
+        LogId::new(LeaderId { term: 1, node_id: 1 }, index),
+        Request {
+            time_ms: 0,
+            idempotency_key: None,
+            command: Command::Put {
+                key: format!("kv/{index}"),
+                value: b"v".to_vec(),
+                expect: None,
+            },
+        },
+    )
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_no_client_waits_on_is_applied_after_the_woken_tasks_and_the_ones_they_wake() {
+    let td = TempDir::new().expect("temp dir");
+    let s = keel_storage::open(td.path(), "order", Arc::new(NoHooks))
+        .await
+        .expect("open storage");
+    let mut sm = s.state_machine;
+    let reader = sm.reader();
+    let handler = Arc::new(Notify::new());
+    let connection = Arc::new(Notify::new());
+    // The applied index the last task in the chain saw.
+    let seen = Arc::new(AtomicU64::new(u64::MAX));
+    // The append's handler, woken before the apply starts, wakes the
+    // connection task; the connection task stands for the answer's write.
+    let first = tokio::spawn({
+        let (handler, connection) = (handler.clone(), connection.clone());
+        async move {
+            handler.notified().await;
+            connection.notify_one();
+        }
+    });
+    let second = tokio::spawn({
+        let (connection, seen, reader) = (connection.clone(), seen.clone(), reader.clone());
+        async move {
+            connection.notified().await;
+            seen.store(reader.applied_index(), Ordering::SeqCst);
+        }
+    });
+    // Both tasks park on their notifications.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    // The state machine's worker is woken first, then the handler: the
+    // order in which a follower's Raft core wakes them when an append that
+    // carries a commit index is on disk.
+    let apply = tokio::spawn(async move {
+        sm.apply(futures::stream::iter([Ok::<_, std::io::Error>((put(1), None))]))
+            .await
+            .expect("apply");
+    });
+    handler.notify_one();
+    apply.await.expect("apply task");
+    assert_eq!(reader.applied_index(), 1, "the batch was applied");
+    first.await.expect("handler task");
+    second.await.expect("connection task");
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "the chain of woken tasks ran before the apply (1: it ran after it)"
+    );
+}
