@@ -4,35 +4,16 @@
 //! apply of the commit that came with it. Without the yields the test fails:
 //! the state machine's worker, woken first, would apply first.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 
 use keel_storage::NoHooks;
-use keel_storage::model::Command;
-use keel_storage::model::Request;
-use keel_storage::types::Entry;
-use keel_storage::types::LogId;
-use openraft::entry::RaftEntry;
-use openraft::impls::leader_id_adv::LeaderId;
 use openraft::storage::RaftStateMachine;
 use tempfile::TempDir;
 use tokio::sync::Notify;
-
-fn put(index: u64) -> Entry {
-    Entry::new_normal(
-        LogId::new(LeaderId { term: 1, node_id: 1 }, index),
-        Request {
-            time_ms: 0,
-            idempotency_key: None,
-            command: Command::Put {
-                key: format!("kv/{index}"),
-                value: b"v".to_vec(),
-                expect: None,
-            },
-        },
-    )
-}
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_batch_no_client_waits_on_is_applied_after_the_woken_tasks_and_the_ones_they_wake() {
@@ -69,8 +50,9 @@ async fn a_batch_no_client_waits_on_is_applied_after_the_woken_tasks_and_the_one
     // The state machine's worker is woken first, then the handler: the
     // order in which a follower's Raft core wakes them when an append that
     // carries a commit index is on disk.
+    let entry = common::put(1, "kv/1", b"v");
     let apply = tokio::spawn(async move {
-        sm.apply(futures::stream::iter([Ok::<_, std::io::Error>((put(1), None))]))
+        sm.apply(futures::stream::iter([Ok::<_, std::io::Error>((entry, None))]))
             .await
             .expect("apply");
     });

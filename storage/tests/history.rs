@@ -4,36 +4,22 @@
 
 use std::sync::Arc;
 
+mod common;
+
 use keel_storage::NoHooks;
-use keel_storage::model::Command;
 use keel_storage::model::HISTORY_KEEP;
-use keel_storage::model::Request;
 use keel_storage::model::history_key;
 use keel_storage::types::Entry;
-use keel_storage::types::LogId;
 use openraft::entry::RaftEntry;
-use openraft::impls::leader_id_adv::LeaderId;
 use openraft::storage::RaftStateMachine;
 use tempfile::TempDir;
 
 fn entry(index: u64) -> Entry {
-    let log_id = LogId::new(LeaderId { term: 1, node_id: 1 }, index);
     // Blank entries at two horizons whose records exist.
     if index == HISTORY_KEEP + 2 || index == HISTORY_KEEP + 3 {
-        return Entry::new_blank(log_id);
+        return Entry::new_blank(common::log_id(index));
     }
-    Entry::new_normal(
-        log_id,
-        Request {
-            time_ms: 0,
-            idempotency_key: None,
-            command: Command::Put {
-                key: format!("kv/{index}"),
-                value: b"v".to_vec(),
-                expect: None,
-            },
-        },
-    )
+    common::put(index, &format!("kv/{index}"), b"v")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,20 +65,7 @@ async fn an_entry_at_or_below_the_applied_index_is_not_applied_again() {
         .await
         .expect("open storage");
     let mut sm = s.state_machine;
-    let put = |index: u64, value: &[u8]| {
-        Entry::new_normal(
-            LogId::new(LeaderId { term: 1, node_id: 1 }, index),
-            Request {
-                time_ms: 0,
-                idempotency_key: None,
-                command: Command::Put {
-                    key: "kv/k".into(),
-                    value: value.to_vec(),
-                    expect: None,
-                },
-            },
-        )
-    };
+    let put = |index: u64, value: &[u8]| common::put(index, "kv/k", value);
     let apply =
         |entries: Vec<Entry>| futures::stream::iter(entries.into_iter().map(|e| Ok::<_, std::io::Error>((e, None))));
     sm.apply(apply(vec![put(1, b"1"), put(2, b"2")])).await.expect("apply");
