@@ -347,8 +347,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let n = batch.len();
         // No client waits on this batch here (a follower's, or a leader's
         // blank entry): what its commit woke goes first. On a follower that
-        // is the answer to the append that carried the commit index, so the
-        // leader's next commit no longer waits for this apply.
+        // is the answer to the append that carried the commit index: the
+        // leader's commit of that append's entries waits for the answer,
+        // not for this apply.
         if batch.iter().all(|(_, responder)| responder.is_none()) {
             for _ in 0..APPLY_YIELDS_WITHOUT_CLIENT {
                 tokio::task::yield_now().await;
