@@ -10,18 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 
-use keel_storage::NoHooks;
 use openraft::storage::RaftStateMachine;
-use tempfile::TempDir;
 use tokio::sync::Notify;
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_batch_no_client_waits_on_is_applied_after_the_woken_tasks_and_the_ones_they_wake() {
-    let td = TempDir::new().expect("temp dir");
-    let s = keel_storage::open(td.path(), "order", Arc::new(NoHooks))
-        .await
-        .expect("open storage");
-    let mut sm = s.state_machine;
+    let (_dir, mut sm) = common::state_machine("order").await;
     let reader = sm.reader();
     let handler = Arc::new(Notify::new());
     let connection = Arc::new(Notify::new());

@@ -2,17 +2,13 @@
 //! blank ones included, forgets the one index that leaves the window), and
 //! entries at or below the applied index are never applied twice.
 
-use std::sync::Arc;
-
 mod common;
 
-use keel_storage::NoHooks;
 use keel_storage::model::HISTORY_KEEP;
 use keel_storage::model::history_key;
 use keel_storage::types::Entry;
 use openraft::entry::RaftEntry;
 use openraft::storage::RaftStateMachine;
-use tempfile::TempDir;
 
 fn entry(index: u64) -> Entry {
     // Blank entries at two horizons whose records exist.
@@ -24,11 +20,7 @@ fn entry(index: u64) -> Entry {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_history_window_is_exact_across_blank_entries() {
-    let td = TempDir::new().expect("temp dir");
-    let s = keel_storage::open(td.path(), "history", Arc::new(NoHooks))
-        .await
-        .expect("open storage");
-    let mut sm = s.state_machine;
+    let (_dir, mut sm) = common::state_machine("history").await;
     let last = HISTORY_KEEP + 4;
     let mut next = 1;
     while next <= last {
@@ -60,11 +52,7 @@ async fn the_history_window_is_exact_across_blank_entries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_at_or_below_the_applied_index_is_not_applied_again() {
-    let td = TempDir::new().expect("temp dir");
-    let s = keel_storage::open(td.path(), "reapply", Arc::new(NoHooks))
-        .await
-        .expect("open storage");
-    let mut sm = s.state_machine;
+    let (_dir, mut sm) = common::state_machine("reapply").await;
     let put = |index: u64, value: &[u8]| common::put(index, "kv/k", value);
     let apply =
         |entries: Vec<Entry>| futures::stream::iter(entries.into_iter().map(|e| Ok::<_, std::io::Error>((e, None))));
