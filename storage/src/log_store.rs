@@ -210,8 +210,9 @@ impl LogStore {
         // A damaged record in the middle of a write-ahead log fails the open
         // here, before RocksDB's point-in-time recovery could end its replay
         // there silently and drop every entry and vote after it (module docs
-        // of `wal_check`); only a last record that a crash cut short is left
-        // to the replay to drop.
+        // of `wal_check`); only a last record that a crash cut short is
+        // dropped, and cut off its file first, so that it never reads as
+        // damage later.
         let report = crate::wal_check::check_dir(dir)?;
         tracing::debug!(
             files = report.files,
@@ -219,6 +220,15 @@ impl LogStore {
             records = report.records,
             "write-ahead log checked"
         );
+        for (path, at) in &report.torn {
+            tracing::warn!(
+                file = %path.display(),
+                byte = at,
+                "the write-ahead log ends in a record a crash cut short; \
+                 the file is cut there and that write is dropped"
+            );
+            crate::wal_check::cut_torn_tail(path, *at)?;
+        }
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);

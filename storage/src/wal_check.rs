@@ -32,6 +32,11 @@
 //! expose it) looks exactly like a write that a crash cut short, and is
 //! dropped like one (see ARCHITECTURE.md).
 //!
+//! A torn end that passes ([`Report::torn`]) is cut off the file before
+//! RocksDB opens it ([`cut_torn_tail`]), so that a file that reappears
+//! after a power loss, next to newer files, does not read as damage under
+//! rule 3.
+//!
 //! The record format is RocksDB's (`db/log_format.h`): 32 KiB blocks; each
 //! physical record is a masked CRC-32C (4 bytes), a length (2), a type (1),
 //! for recyclable types the low 32 bits of the file's number (4), then the
@@ -122,6 +127,11 @@ pub struct Report {
     pub recycled: usize,
     /// Records read in all files.
     pub records: u64,
+    /// Files whose data ends at a record of their own that is cut short or
+    /// fails its checksum, with no newer file holding records: a write that
+    /// a crash cut short. Each with the byte where its data ends, for
+    /// [`cut_torn_tail`].
+    pub torn: Vec<(PathBuf, usize)>,
 }
 
 /// A physical record's header and where its payload lies.
@@ -315,12 +325,33 @@ pub fn check_dir(dir: &Path) -> io::Result<Report> {
         if s.end_is_own && later_has_records {
             return Err(damage(path, &s, "a newer log file holds records"));
         }
+        if s.end_is_own {
+            report.torn.push((path.clone(), s.end_at));
+        }
         later_has_records |= s.records > 0;
         report.files += 1;
         report.recycled += usize::from(s.recycled);
         report.records += s.records;
     }
     Ok(report)
+}
+
+/// Cuts a file whose data ends at a torn record ([`Report::torn`]) at that
+/// record, durably, before RocksDB replays it.
+///
+/// The replay ends at the torn record anyway, and the node then writes to
+/// newer files. Left in place, the torn record would be read as damage
+/// (rule 3) by every later check for as long as the file exists: RocksDB
+/// deletes or reuses the file once the memtables it fed are flushed, but
+/// that deletion is not synced to the directory, so a power loss can bring
+/// the file back next to newer files with records, and the node would
+/// refuse to start. Cut, the file ends cleanly where its data does. Only
+/// bytes at and after the torn record go, which no replay reads: rule 2
+/// already found no record of the file after it.
+pub fn cut_torn_tail(path: &Path, at: usize) -> io::Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.set_len(at as u64)?;
+    f.sync_all()
 }
 
 fn damage(path: &Path, s: &FileScan, after: &str) -> io::Error {
@@ -611,5 +642,38 @@ mod tests {
         write(td.path(), 40, &bytes);
         write(td.path(), 44, &newer.out);
         check_dir(td.path()).expect("clean files");
+    }
+
+    #[test]
+    fn a_torn_end_cut_at_the_start_stays_clean_once_newer_files_hold_records() {
+        let td = tempfile::tempdir().unwrap();
+        let (bytes, at, written) = recycled_file(40, 150, 400);
+        let last = *at.last().unwrap();
+        let mut torn = bytes.clone();
+        torn[last + 30] ^= 4;
+        write(td.path(), 40, &torn);
+        let r = check_dir(td.path()).expect("a torn end of the newest file");
+        let path = td.path().join("000040.log");
+        assert_eq!(r.torn, vec![(path.clone(), last)]);
+        // Each torn file is cut where its data ends; the records before it
+        // are all still there.
+        for (p, at) in &r.torn {
+            cut_torn_tail(p, *at).unwrap();
+        }
+        let cut = std::fs::read(&path).unwrap();
+        assert_eq!(cut, bytes[..last]);
+        let s = scan(&cut, 40);
+        assert_eq!((s.end, s.end_at, s.end_is_own), (End::Eof, last, false));
+        assert!(s.records > 0 && s.records < written, "{s:?}");
+        // The file survives a power loss that takes back RocksDB's deletion
+        // of it, and the node went on writing to a newer file: no refusal.
+        let mut newer = WalWriter::new(44, true);
+        newer.add(b"next");
+        write(td.path(), 44, &newer.out);
+        let r = check_dir(td.path()).expect("clean once cut");
+        assert!(r.torn.is_empty(), "{r:?}");
+        // Files that end cleanly are never reported as torn.
+        write(td.path(), 40, &bytes);
+        assert!(check_dir(td.path()).unwrap().torn.is_empty());
     }
 }

@@ -1,7 +1,8 @@
 //! The log's reused write-ahead log files, with RocksDB itself, after a
 //! process that was killed: every entry comes back, damage in the middle of
 //! a file stops the open, and a last record cut short by a crash is dropped
-//! with nothing else.
+//! with nothing else, and cut off its file, so that later starts do not
+//! read it as damage.
 //!
 //! A clean close truncates a reused file to its records, so the files are
 //! made by a child process (this test binary, running the ignored test
@@ -147,4 +148,54 @@ async fn a_last_record_cut_short_loses_only_that_append() {
         n < last && n >= last - BATCH,
         "kept {n} of {last}: more than the last append was lost, or nothing"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_record_does_not_stop_a_start_after_the_log_moved_on() {
+    let (td, dir) = filled_and_aborted();
+    let (number, path) = wal_check::wal_files(&dir)
+        .unwrap()
+        .into_iter()
+        .rev()
+        .find(|(n, p)| wal_check::scan(&std::fs::read(p).unwrap(), *n).records > 0)
+        .expect("a file with records");
+    let mut torn = std::fs::read(&path).unwrap();
+    let end = wal_check::scan(&torn, number).end_at;
+    for b in &mut torn[end - 5..end] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&path, &torn).unwrap();
+    let end = wal_check::scan(&torn, number).end_at;
+    // A second name for the file, to see what the open leaves of it after
+    // RocksDB has deleted the first.
+    let kept_name = td.path().join("torn.log");
+    std::fs::hard_link(&path, &kept_name).unwrap();
+    // The start after the crash drops the torn write, cutting it off its
+    // file, and the log goes on in a newer file.
+    let mut log = LogStore::open(&dir, Arc::new(NoHooks)).expect("reopen the log");
+    assert_eq!(
+        std::fs::read(&kept_name).unwrap(),
+        torn[..end],
+        "the torn record is cut off"
+    );
+    let kept = indexes(&mut log, LAST).await.len() as u64;
+    let more: Vec<keel_storage::types::Entry> = (kept + 1..=kept + BATCH)
+        .map(|i| blank_ent::<TypeConfig>(1, 1, i))
+        .collect();
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append(more, IOFlushed::signal(tx)).await.expect("append");
+    assert!(matches!(rx.await, Ok(Ok(()))));
+    drop(log);
+    // A power loss then brings the old file back, as it was on disk before
+    // RocksDB deleted or reused it (that deletion is not synced). Had it
+    // stayed torn, it would read as damage next to the newer file.
+    std::fs::write(&path, &torn).unwrap();
+    let err = LogStore::open(&dir, Arc::new(NoHooks))
+        .err()
+        .expect("a torn file beside newer records");
+    assert!(err.to_string().contains("newer log file"), "{err}");
+    std::fs::write(&path, std::fs::read(&kept_name).unwrap()).unwrap();
+    let mut log = LogStore::open(&dir, Arc::new(NoHooks)).expect("the cut file is clean");
+    let got = indexes(&mut log, kept + BATCH).await;
+    assert_eq!(got, (1..=kept + BATCH).collect::<Vec<_>>());
 }
