@@ -33,6 +33,7 @@
 //! | `snap-before-dir-fsync` | `CURRENT` renamed, before the directory fsync |
 //! | `snap-after-dir-fsync` | the switch is durable, before the new database is opened |
 //! | `snap-after-switch` | new database live, snapshot file published, before returning to Raft |
+//! | `snap-build-published` | building a snapshot: the file is published, before it goes to Raft |
 //! | `log-before-purge` | log store, before a purge is written |
 //! | `snap-send-corrupt` (flag) | sender, flips one bit of the next piece it sends |
 //! | `snap-send-cut` (flag) | sender, breaks off the transfer after the next piece |
@@ -91,6 +92,13 @@ fn crash(name: &str, arg: Option<String>) -> ! {
     tracing::error!(failpoint = name, ?arg, "failpoint fired: aborting the process");
     eprintln!("keel: failpoint {name} fired: aborting the process");
     std::process::abort()
+}
+
+/// Runs `f` every time the point `name` is passed, in this process (for
+/// tests that must act at an exact step of the code under test).
+#[cfg(feature = "failpoints")]
+pub fn on_pass(name: &str, f: impl Fn() + Send + Sync + 'static) {
+    fail::cfg_callback(name, f).expect("a failpoint callback is always accepted");
 }
 
 /// A place where a test may inject a fault: `Some(arg)` when the point fires

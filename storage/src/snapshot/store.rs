@@ -303,6 +303,7 @@ fn build(shared: &Shared) -> io::Result<openraft::type_config::alias::SnapshotOf
     // replaced and removed by a newer snapshot at any moment.
     let file = fs::File::open(&tmp)?;
     let path = store.publish(&tmp, &meta)?;
+    crash_point("snap-build-published");
     Ok(openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotFile> {
         meta,
         snapshot: SnapshotFile { path, file },
