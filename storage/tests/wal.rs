@@ -42,17 +42,20 @@ async fn fill_then_abort() {
     let dir = PathBuf::from(std::env::var_os(DIR_VAR).expect("the log directory"));
     let mut log = LogStore::open(&dir, Arc::new(NoHooks)).expect("open the log");
     for b in 0..APPENDS {
-        let entries: Vec<keel_storage::types::Entry> = (b * BATCH + 1..=(b + 1) * BATCH)
-            .map(|i| blank_ent::<TypeConfig>(1, 1, i))
-            .collect();
-        let (tx, rx) = TypeConfig::oneshot();
-        log.append(entries, IOFlushed::signal(tx)).await.expect("append");
-        let flushed = tokio::time::timeout(std::time::Duration::from_secs(60), rx)
-            .await
-            .expect("the flush is reported");
-        assert!(matches!(flushed, Ok(Ok(()))), "flushed: {flushed:?}");
+        append_flushed(&mut log, b * BATCH + 1..=(b + 1) * BATCH).await;
     }
     std::process::abort();
+}
+
+/// Appends blank entries at `indexes` in one batch and waits for the flush.
+async fn append_flushed(log: &mut LogStore, indexes: std::ops::RangeInclusive<u64>) {
+    let entries: Vec<keel_storage::types::Entry> = indexes.map(|i| blank_ent::<TypeConfig>(1, 1, i)).collect();
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append(entries, IOFlushed::signal(tx)).await.expect("append");
+    let flushed = tokio::time::timeout(std::time::Duration::from_secs(60), rx)
+        .await
+        .expect("the flush is reported");
+    assert!(matches!(flushed, Ok(Ok(()))), "flushed: {flushed:?}");
 }
 
 /// A log directory left by a process killed after `LAST` flushed entries.
@@ -85,6 +88,29 @@ fn wal_files(dir: &Path) -> Vec<(PathBuf, wal_check::FileScan)> {
             (p, s)
         })
         .collect()
+}
+
+/// Changes the last bytes of the last record in the newest file holding
+/// records, as a crash in the middle of that write leaves a reused file.
+/// Returns the file, its scan before, and its bytes and scan after.
+fn tear_newest_record(dir: &Path) -> (PathBuf, wal_check::FileScan, Vec<u8>, wal_check::FileScan) {
+    let (number, path, before) = wal_check::wal_files(dir)
+        .unwrap()
+        .into_iter()
+        .rev()
+        .map(|(n, p)| {
+            let s = wal_check::scan(&std::fs::read(&p).unwrap(), n);
+            (n, p, s)
+        })
+        .find(|(_, _, s)| s.records > 0)
+        .expect("a file with records");
+    let mut torn = std::fs::read(&path).unwrap();
+    for b in &mut torn[before.end_at - 5..before.end_at] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&path, &torn).unwrap();
+    let after = wal_check::scan(&torn, number);
+    (path, before, torn, after)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,19 +153,8 @@ async fn a_damaged_record_in_a_reused_file_stops_the_open() {
 async fn a_last_record_cut_short_loses_only_that_append() {
     let (_td, dir) = filled_and_aborted();
     let last = LAST;
-    // The newest file holding records, its last record's last bytes
-    // changed, as a crash in the middle of that write leaves a reused file.
-    let (path, s) = wal_files(&dir)
-        .into_iter()
-        .rev()
-        .find(|(_, s)| s.records > 0)
-        .expect("a file with records");
+    let (_, s, _, _) = tear_newest_record(&dir);
     assert!(s.recycled, "the newest file was reused: {s:?}");
-    let mut bytes = std::fs::read(&path).unwrap();
-    for b in &mut bytes[s.end_at - 5..s.end_at] {
-        *b ^= 0x5a;
-    }
-    std::fs::write(&path, &bytes).unwrap();
     let mut log = LogStore::open(&dir, Arc::new(NoHooks)).expect("reopen the log");
     let got = indexes(&mut log, last).await;
     let n = got.len() as u64;
@@ -153,19 +168,8 @@ async fn a_last_record_cut_short_loses_only_that_append() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_last_record_does_not_stop_a_start_after_the_log_moved_on() {
     let (td, dir) = filled_and_aborted();
-    let (number, path) = wal_check::wal_files(&dir)
-        .unwrap()
-        .into_iter()
-        .rev()
-        .find(|(n, p)| wal_check::scan(&std::fs::read(p).unwrap(), *n).records > 0)
-        .expect("a file with records");
-    let mut torn = std::fs::read(&path).unwrap();
-    let end = wal_check::scan(&torn, number).end_at;
-    for b in &mut torn[end - 5..end] {
-        *b ^= 0x5a;
-    }
-    std::fs::write(&path, &torn).unwrap();
-    let end = wal_check::scan(&torn, number).end_at;
+    let (path, _, torn, after) = tear_newest_record(&dir);
+    let end = after.end_at;
     // A second name for the file, to see what the open leaves of it after
     // RocksDB has deleted the first.
     let kept_name = td.path().join("torn.log");
@@ -179,12 +183,7 @@ async fn a_torn_last_record_does_not_stop_a_start_after_the_log_moved_on() {
         "the torn record is cut off"
     );
     let kept = indexes(&mut log, LAST).await.len() as u64;
-    let more: Vec<keel_storage::types::Entry> = (kept + 1..=kept + BATCH)
-        .map(|i| blank_ent::<TypeConfig>(1, 1, i))
-        .collect();
-    let (tx, rx) = TypeConfig::oneshot();
-    log.append(more, IOFlushed::signal(tx)).await.expect("append");
-    assert!(matches!(rx.await, Ok(Ok(()))));
+    append_flushed(&mut log, kept + 1..=kept + BATCH).await;
     drop(log);
     // A power loss then brings the old file back, as it was on disk before
     // RocksDB deleted or reused it (that deletion is not synced). Had it
