@@ -35,6 +35,15 @@ fn raft_config(c: &Config) -> anyhow::Result<openraft::Config> {
         // A node that cannot win an election must not bump terms and
         // disrupt a healthy leader.
         enable_pre_vote: Some(true),
+        // A leader that restarts campaigns like any other node; it does not
+        // take its old term back. It may have answered clients for entries
+        // whose commit it never stored (the commit index is stored with the
+        // next append), and its state machine restarts from its last flush:
+        // a restored leader would compute read indexes from that stale
+        // commit index and serve reads that miss acknowledged writes. A new
+        // term's first entry commits everything before it.
+        // (`tests/cluster_core.rs`: a killed single node restarted at once.)
+        enable_leader_restore: Some(false),
         install_snapshot_timeout: 60_000,
         ..Default::default()
     };
