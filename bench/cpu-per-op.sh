@@ -6,8 +6,8 @@
 # Starts a fresh 3-node cluster (plaintext, loopback, ports 24001-24103,
 # data in a new temporary directory), warms it with 3 s of puts, then runs
 # `keel bench --workload put` for SECONDS (default 10) and prints the
-# throughput, p50 latency and the CPU time (user + system) all three nodes
-# used per put over the run. With PERF=1 it also records the leader with
+# throughput, p50 latency, the CPU time (user + system) all three nodes
+# used per put over the run, and the bytes they wrote to storage per put. With PERF=1 it also records the leader with
 # `perf record --call-graph dwarf` for 3 s into the data directory's
 # perf.data (kept; its path is printed); PERF=follower records a follower
 # instead. Every process it starts is stopped
@@ -42,6 +42,7 @@ fi
 "$keel" bench --endpoints "$endpoints" --workload put --clients "$clients" --connections "$conns" \
     --duration 3 >/dev/null
 t0=$(cpu_ticks "${pids[@]}")
+w0=$(io_write_bytes "${pids[@]}")
 perf_pid=""
 if [[ -n "${PERF:-}" ]]; then
     perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$profiled_pid" -o "$dir/perf.data" \
@@ -51,15 +52,18 @@ fi
 "$keel" bench --endpoints "$endpoints" --workload put --clients "$clients" --connections "$conns" \
     --duration "$secs" --json >"$dir/bench.json"
 t1=$(cpu_ticks "${pids[@]}")
+w1=$(io_write_bytes "${pids[@]}")
 [[ -n "$perf_pid" ]] && wait "$perf_pid"
 hz=$(getconf CLK_TCK)
-python3 - "$dir/bench.json" "$t0" "$t1" "$hz" "$clients" "$conns" <<'EOF'
+python3 - "$dir/bench.json" "$t0" "$t1" "$hz" "$clients" "$conns" "$w0" "$w1" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 t0, t1, hz = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 us = (t1 - t0) / hz * 1e6 / r["ops"]
+written = (int(sys.argv[8]) - int(sys.argv[7])) / r["ops"]
 print(f"put {sys.argv[5]} clients / {sys.argv[6]} connections: {r['throughput']:.0f} ops/s, "
-      f"p50 {r['latency_ms']['p50']:.2f} ms, {r['errors']} errors, cluster CPU {us:.0f} us per put")
+      f"p50 {r['latency_ms']['p50']:.2f} ms, {r['errors']} errors, cluster CPU {us:.0f} us per put, "
+      f"{written:,.0f} bytes written to storage per put")
 EOF
 [[ -n "${PERF:-}" ]] && echo "profile of pid $profiled_pid (leader $leader_pid): $dir/perf.data"
 exit 0

@@ -17,14 +17,24 @@ wait_leader() {
     return 1
 }
 
-# Prints the CPU time (user + system, in clock ticks) the given pids used.
-cpu_ticks() {
-    local t=0 p
+# Sums, over the processes PIDS..., the number the awk program PROG prints
+# from /proc/<pid>/FILE.
+sum_proc() {
+    local file=$1 prog=$2 t=0 p
+    shift 2
     for p in "$@"; do
-        t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+        t=$((t + $(awk "$prog" "/proc/$p/$file")))
     done
     echo "$t"
 }
+
+# Prints the CPU time (user + system, in clock ticks) the given pids used.
+cpu_ticks() { sum_proc stat '{print $14 + $15}' "$@"; }
+
+# Bytes the given pids have written to storage (/proc/<pid>/io
+# write_bytes: counted when a page is dirtied, so a write that the page
+# cache has not yet sent to the disk counts as well).
+io_write_bytes() { sum_proc io '/^write_bytes:/ {print $2}' "$@"; }
 
 # Starts a plaintext 3-node cluster of KEEL with data in DIR/n1..n3, the API
 # of node i on 127.0.0.1:<API><i> and its peer port on 127.0.0.1:<RAFT><i>

@@ -8,11 +8,16 @@
 //! fsync), so a crash leaves the old state or the new one, never a mix.
 //!
 //! Each batch of entries is applied in one `WriteBatch` together with
-//! `last_applied` and the last membership. Those writes are not fsynced: the
-//! log already holds every applied entry durably, a process crash keeps them
-//! (RocksDB's WAL is in the page cache) and after a machine crash the missing
-//! tail is re-applied from the log. The WAL is fsynced before a snapshot is
-//! built, because only then may the log be purged.
+//! `last_applied` and the last membership, without RocksDB's write-ahead log:
+//! the Raft log already holds every applied entry durably, so the state
+//! machine's own log would only write each put a second time. What is on
+//! disk is the memtables RocksDB has flushed, and every column family is
+//! flushed together (`atomic_flush`), so the stored `last_applied` always
+//! matches the stored data. After a crash (of the process or the machine)
+//! the node starts from that older state and re-applies the committed tail
+//! from the log (openraft's `get_initial_state`). A graceful close flushes
+//! the memtables. They are flushed before a snapshot is built ([`persist`]),
+//! because only then may the log be purged.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -87,8 +92,23 @@ pub(crate) fn open_generation(dir: &Path) -> io::Result<DB> {
     // default, point-in-time recovery); only an incomplete last record, one
     // a crash cut short before its sync returned, is tolerated.
     opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
+    // Applies skip the WAL: without atomic flushes a crash could leave the
+    // data column family flushed past the `last_applied` in `meta`, and the
+    // re-apply would apply those entries a second time.
+    opts.set_atomic_flush(true);
     let cfs = [CF_DATA, CF_META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     DB::open_cf_descriptors(&opts, dir, cfs).map_err(db_err)
+}
+
+/// Makes everything applied to `db` so far durable: flushes the memtables
+/// of both column families, atomically, and waits for the table files.
+/// Applies write no WAL, so this is the only way they reach the disk short
+/// of RocksDB's own flushes; it must run before the log may be purged.
+pub(crate) fn persist(db: &DB) -> io::Result<()> {
+    let data = db.cf_handle(CF_DATA).expect("data column family");
+    let meta = db.cf_handle(CF_META).expect("meta column family");
+    db.flush_cfs_opt(&[&data, &meta], &rocksdb::FlushOptions::default())
+        .map_err(db_err)
 }
 
 /// Reads `(last_applied, membership)` from a state machine database.
@@ -321,7 +341,10 @@ fn apply_batch(db: &DB, entries: Vec<EntryResponder<TypeConfig>>) -> io::Result<
     if let Some(m) = &membership {
         batch.put_cf(meta, KEY_MEMBERSHIP, encode(m)?);
     }
-    db.write(batch).map_err(db_err)?;
+    // Not in RocksDB's WAL: the Raft log has these entries (module docs).
+    let mut no_wal = rocksdb::WriteOptions::default();
+    no_wal.disable_wal(true);
+    db.write_opt(batch, &no_wal).map_err(db_err)?;
     Ok((responses, last_index))
 }
 

@@ -9,6 +9,8 @@
 //! `fill_then_abort`) that aborts with the database open, as a killed node
 //! leaves them.
 
+mod common;
+
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,10 +21,8 @@ use keel_storage::TypeConfig;
 use keel_storage::wal_check;
 use openraft::RaftLogReader;
 use openraft::entry::RaftEntry;
-use openraft::storage::IOFlushed;
 use openraft::storage::RaftLogStorage;
 use openraft::testing::blank_ent;
-use openraft::type_config::TypeConfigExt;
 use tempfile::TempDir;
 
 /// Entries per append, and appends: some 6 MiB of write-ahead log, more
@@ -50,12 +50,7 @@ async fn fill_then_abort() {
 /// Appends blank entries at `indexes` in one batch and waits for the flush.
 async fn append_flushed(log: &mut LogStore, indexes: std::ops::RangeInclusive<u64>) {
     let entries: Vec<keel_storage::types::Entry> = indexes.map(|i| blank_ent::<TypeConfig>(1, 1, i)).collect();
-    let (tx, rx) = TypeConfig::oneshot();
-    log.append(entries, IOFlushed::signal(tx)).await.expect("append");
-    let flushed = tokio::time::timeout(std::time::Duration::from_secs(60), rx)
-        .await
-        .expect("the flush is reported");
-    assert!(matches!(flushed, Ok(Ok(()))), "flushed: {flushed:?}");
+    common::append_and_wait(log, entries).await;
 }
 
 /// A log directory left by a process killed after `LAST` flushed entries.

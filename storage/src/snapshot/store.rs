@@ -277,9 +277,12 @@ fn header_for(cluster_name: &str, meta: &SnapshotMeta) -> io::Result<SnapshotHea
 
 fn build(shared: &Shared) -> io::Result<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>> {
     let db = shared.db();
-    // Everything applied so far becomes durable before the log may be purged.
-    db.flush_wal(true).map_err(db_err)?;
     let view = db.snapshot();
+    // Everything the view holds becomes durable before the log may be purged
+    // up to it. Flushed after the view is taken, so the flush covers every
+    // entry the snapshot does (and any applied since): after a crash the
+    // state machine starts at or past the snapshot, not behind the purge.
+    crate::state_machine::persist(&db)?;
     let meta_cf = db.cf_handle(CF_META).expect("meta column family");
     let last_log_id: Option<LogId> = match view.get_cf(meta_cf, KEY_APPLIED).map_err(db_err)? {
         Some(b) => Some(decode(&b, "last_applied")?),
@@ -322,7 +325,7 @@ pub(crate) fn install(shared: &Shared, meta: &SnapshotMeta, snapshot: SnapshotFi
         tracing::warn!(snapshot = ?meta.last_log_id, ?applied, "refusing a snapshot that is not newer than the applied state");
         // openraft may now purge the log up to the snapshot: make sure the
         // applied state that covers it is durable first.
-        shared.db().flush_wal(true).map_err(db_err)?;
+        crate::state_machine::persist(&shared.db())?;
         return Ok(None);
     }
     // 1. Verify everything before changing anything.

@@ -1,4 +1,6 @@
-//! Log entries and a fresh state machine for the state machine's tests.
+//! Log entries, a fresh state machine and a flushed append, for the
+//! storage tests (each test file uses some of them).
+#![allow(dead_code)]
 
 use std::sync::Arc;
 
@@ -41,4 +43,18 @@ pub fn put(index: u64, key: &str, value: &[u8]) -> Entry {
             },
         },
     )
+}
+
+/// Appends `entries` to `log` in one call and waits (at most 60 s) for the
+/// flush to be reported.
+pub async fn append_and_wait(log: &mut keel_storage::LogStore, entries: Vec<Entry>) {
+    use openraft::storage::IOFlushed;
+    use openraft::storage::RaftLogStorage;
+    use openraft::type_config::TypeConfigExt;
+    let (tx, rx) = keel_storage::TypeConfig::oneshot();
+    log.append(entries, IOFlushed::signal(tx)).await.expect("append");
+    let flushed = tokio::time::timeout(std::time::Duration::from_secs(60), rx)
+        .await
+        .expect("the flush is reported");
+    assert!(matches!(flushed, Ok(Ok(()))), "flushed: {flushed:?}");
 }
