@@ -7,7 +7,8 @@
 # data in a new temporary directory), warms it with 3 s of puts, then runs
 # `keel bench --workload put` for SECONDS (default 10) and prints the
 # throughput, p50 latency, the CPU time (user + system) all three nodes
-# used per put over the run, and the bytes they wrote to storage per put. With PERF=1 it also records the leader with
+# used per put over the run, and the bytes they wrote to storage per put.
+# With PERF=1 it also records the leader with
 # `perf record --call-graph dwarf` for 3 s into the data directory's
 # perf.data (kept; its path is printed); PERF=follower records a follower
 # instead. Every process it starts is stopped

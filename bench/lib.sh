@@ -1,12 +1,20 @@
 # Shared by the bench scripts (sourced, not run).
 
+# Prints FIELD of the /status of the node with its API on 127.0.0.1:PORT,
+# or nothing when it does not answer or has no such field.
+status_field() {
+    local port=$1 field=$2
+    curl -sf --max-time 1 "127.0.0.1:$port/status" |
+        python3 -c 'import json,sys; v = json.load(sys.stdin).get(sys.argv[1]); print("" if v is None else v)' \
+            "$field" 2>/dev/null || true
+}
+
 # Prints the leader id that the node with its API on 127.0.0.1:PORT reports,
 # once it reports one; fails after 60 s without.
 wait_leader() {
     local port=$1 leader=""
     for _ in $(seq 1 300); do
-        leader=$(curl -sf --max-time 1 "127.0.0.1:$port/status" |
-            python3 -c 'import json,sys; print(json.load(sys.stdin).get("leader_id") or "")' 2>/dev/null || true)
+        leader=$(status_field "$port" leader_id)
         if [[ -n "$leader" ]]; then
             echo "$leader"
             return 0
@@ -41,13 +49,20 @@ io_write_bytes() { sum_proc io '/^write_bytes:/ {print $2}' "$@"; }
 # (e.g. API=2400, RAFT=2410), and appends the nodes' pids to `pids`.
 start_nodes() {
     local keel=$1 dir=$2 api=$3 raft=$4 i
-    local members="1=127.0.0.1:${raft}1/127.0.0.1:${api}1,2=127.0.0.1:${raft}2/127.0.0.1:${api}2,3=127.0.0.1:${raft}3/127.0.0.1:${api}3"
     for i in 1 2 3; do
-        "$keel" serve --insecure --node-id "$i" --cluster-name bench --data-dir "$dir/n$i" \
-            --api-listen "127.0.0.1:$api$i" --raft-listen "127.0.0.1:$raft$i" \
-            --initial-members "$members" --log-level warn >"$dir/n$i.log" 2>&1 &
+        start_node "$keel" "$dir" "$api" "$raft" "$i"
         pids+=("$!")
     done
+}
+
+# Starts node I of the cluster `start_nodes` starts, in the background (its
+# pid in `$!`), its output appended to DIR/n<I>.log.
+start_node() {
+    local keel=$1 dir=$2 api=$3 raft=$4 i=$5
+    local members="1=127.0.0.1:${raft}1/127.0.0.1:${api}1,2=127.0.0.1:${raft}2/127.0.0.1:${api}2,3=127.0.0.1:${raft}3/127.0.0.1:${api}3"
+    "$keel" serve --insecure --node-id "$i" --cluster-name bench --data-dir "$dir/n$i" \
+        --api-listen "127.0.0.1:$api$i" --raft-listen "127.0.0.1:$raft$i" \
+        --initial-members "$members" --log-level warn >>"$dir/n$i.log" 2>&1 &
 }
 
 # Starts a plaintext 3-node cluster of KEEL as `start_nodes` does, in a new

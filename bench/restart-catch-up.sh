@@ -29,19 +29,13 @@ leader=$(wait_leader 27001)
 "$keel" bench --endpoints "http://127.0.0.1:2700$leader" --workload put --clients 64 \
     --count "$puts" >/dev/null
 follower=$((leader % 3 + 1))
-members="1=127.0.0.1:27101/127.0.0.1:27001,2=127.0.0.1:27102/127.0.0.1:27002,3=127.0.0.1:27103/127.0.0.1:27003"
-applied() { # PORT: the node's applied index, or nothing
-    curl -sf --max-time 1 "127.0.0.1:$1/status" |
-        python3 -c 'import json,sys; print(json.load(sys.stdin)["applied_index"])' 2>/dev/null || true
-}
+applied() { status_field "$1" applied_index; } # PORT: the node's applied index, or nothing
 for r in $(seq 1 "$rounds"); do
     target=$(applied "2700$leader")
     kill -9 "${pids[$((follower - 1))]}"
     wait "${pids[$((follower - 1))]}" 2>/dev/null || true
     t0=$(date +%s.%N)
-    "$keel" serve --insecure --node-id "$follower" --cluster-name bench --data-dir "$dir/n$follower" \
-        --api-listen "127.0.0.1:2700$follower" --raft-listen "127.0.0.1:2710$follower" \
-        --initial-members "$members" --log-level warn >>"$dir/n$follower.log" 2>&1 &
+    start_node "$keel" "$dir" 2700 2710 "$follower"
     pids[$((follower - 1))]=$!
     up="" caught=""
     for _ in $(seq 1 6000); do

@@ -328,14 +328,14 @@ async fn a_leader_restarted_at_once_reads_its_last_acknowledged_write() {
     c.kill(1);
     c.spawn(1);
     c.wait_leader().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let value = loop {
-        match c.get(1, "last", false).await {
-            Ok(r) if r.status == 200 => break r.body["value"].clone(),
-            other => assert!(Instant::now() < deadline, "no linearizable read within 60 s: {other:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let value = c
+        .wait_until_value("a linearizable read of the restarted node", || async {
+            match c.get(1, "last", false).await {
+                Ok(r) if r.status == 200 => Some(r.body["value"].clone()),
+                _ => None,
+            }
+        })
+        .await;
     assert_eq!(value, json!(20), "the read missed an acknowledged write");
     let now = c.status(1).await.expect("status").term;
     assert!(now > term, "the node took its old term {term} back");

@@ -238,6 +238,9 @@ impl DbView<'_> {
 /// The state machine openraft drives.
 pub struct StateMachineStore {
     pub(crate) shared: Arc<Shared>,
+    /// The apply's write options: no WAL (module docs). Made once, not per
+    /// batch.
+    no_wal: rocksdb::WriteOptions,
 }
 
 impl StateMachineStore {
@@ -258,6 +261,8 @@ impl StateMachineStore {
         let applied = read_applied(&db)?.0.map(|l| l.index).unwrap_or(0);
         let snapshots = SnapshotStore::open(&data_dir.join("snapshots"), cluster_name)?;
         let (applied_tx, _) = watch::channel(applied);
+        let mut no_wal = rocksdb::WriteOptions::default();
+        no_wal.disable_wal(true);
         Ok(Self {
             shared: Arc::new(Shared {
                 sm_dir,
@@ -266,6 +271,7 @@ impl StateMachineStore {
                 hooks,
                 applied_tx,
             }),
+            no_wal,
         })
     }
 
@@ -293,7 +299,11 @@ type Answers = Vec<(openraft::storage::ApplyResponder<TypeConfig>, Response)>;
 
 /// Applies entries to `db` in one write batch; returns the responses for
 /// entries that have a responder, and the last applied index.
-fn apply_batch(db: &DB, entries: Vec<EntryResponder<TypeConfig>>) -> io::Result<(Answers, Option<u64>)> {
+fn apply_batch(
+    db: &DB,
+    no_wal: &rocksdb::WriteOptions,
+    entries: Vec<EntryResponder<TypeConfig>>,
+) -> io::Result<(Answers, Option<u64>)> {
     let applied_index = read_last_applied(db)?.map(|l| l.index);
     let base = DbView(db);
     let mut overlay = Overlay::new(&base);
@@ -342,9 +352,7 @@ fn apply_batch(db: &DB, entries: Vec<EntryResponder<TypeConfig>>) -> io::Result<
         batch.put_cf(meta, KEY_MEMBERSHIP, encode(m)?);
     }
     // Not in RocksDB's WAL: the Raft log has these entries (module docs).
-    let mut no_wal = rocksdb::WriteOptions::default();
-    no_wal.disable_wal(true);
-    db.write_opt(batch, &no_wal).map_err(db_err)?;
+    db.write_opt(batch, no_wal).map_err(db_err)?;
     Ok((responses, last_index))
 }
 
@@ -387,9 +395,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // (some tests) has no other worker to move them to.
         let multi = tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
         let (responses, last) = if multi {
-            tokio::task::block_in_place(|| apply_batch(&db, batch))?
+            tokio::task::block_in_place(|| apply_batch(&db, &self.no_wal, batch))?
         } else {
-            apply_batch(&db, batch)?
+            apply_batch(&db, &self.no_wal, batch)?
         };
         self.shared.hooks.apply(n, start.elapsed());
         if let Some(i) = last {
