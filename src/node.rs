@@ -83,6 +83,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .map_err(anyhow::Error::new)?;
     let pristine = storage.log.is_pristine()?;
+    let stored_vote = storage.log.stored_vote()?;
+    let led_before = stored_vote.filter(|v| keel_raft::failover::led_before_restart(Some(v), config.node_id));
     let purged = storage.log.purged();
     let reader = storage.reader.clone();
 
@@ -116,7 +118,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // streams only end once Raft has stopped.
     let (peer_stop_tx, peer_stop_rx) = watch::channel(false);
 
-    let cluster = Cluster::new(config.node_id, raft.clone(), reader, pool, config.request_timeout);
+    let cluster = Cluster::new(
+        config.node_id,
+        raft.clone(),
+        reader,
+        pool.clone(),
+        config.request_timeout,
+    );
     let watch = crate::watch::WatchHub::start(cluster.reader().clone());
     crate::observe::spawn(cluster.clone(), &config.cluster_name);
     let router = api::router(api::ApiState {
@@ -156,6 +164,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Duration::from_millis(config.heartbeat_ms),
         stop_rx.clone(),
     ));
+    if let Some(led) = led_before {
+        let (raft, pool, me) = (raft.clone(), pool.clone(), config.node_id);
+        tokio::spawn(async move { keel_raft::failover::campaign_after_restart(&raft, pool, me, led).await });
+    }
     let api_tls = material.as_ref().map(|m| m.api_server_config()).transpose()?;
     let api_task = tokio::spawn(keel_raft::serve::serve(
         api_listener,

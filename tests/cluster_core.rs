@@ -341,6 +341,62 @@ async fn a_leader_restarted_at_once_reads_its_last_acknowledged_write() {
     assert!(now > term, "the node took its old term {term} back");
 }
 
+/// A leader killed and started again at once (a supervisor restarting it)
+/// leads again in a new term without its followers waiting out their
+/// lease. Its port accepts again before they probe it, so the fast
+/// failover for dead processes cannot see the crash; the restarted node
+/// knows from its stored vote that it led, and hands its leadership to
+/// itself (raft/src/failover.rs). The nodes run with heartbeats of 3 s and
+/// election timeouts of 60–90 s (each restarted into them once the
+/// cluster has formed, which such timeouts would slow down): followers
+/// probe after 9 s of silence and refuse other votes for a minute, so
+/// without the hand-off no write could succeed for a minute, and a leader
+/// chosen after a probe would be another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_restarted_at_once_leads_again_without_waiting_out_the_lease() {
+    let slow = [
+        "--heartbeat-ms",
+        "3000",
+        "--election-timeout-min-ms",
+        "60000",
+        "--election-timeout-max-ms",
+        "90000",
+    ];
+    let c = TestCluster::start(3);
+    let leader = c.wait_leader().await;
+    for id in (1..=3).filter(|i| *i != leader) {
+        c.kill(id);
+        c.spawn_with(id, &slow);
+        c.wait_until_value("the restarted follower to follow the leader", || async {
+            c.status(id).await.filter(|s| s.leader_id == Some(leader)).map(|_| ())
+        })
+        .await;
+    }
+    let r = c.put(leader, "before", &json!(1)).await.expect("put");
+    assert!(matches!(r.status, 200 | 201), "{} {}", r.status, r.body);
+    let term = c.status(leader).await.expect("status").term;
+    let survivor = if leader == 1 { 2 } else { 1 };
+    c.kill(leader);
+    c.spawn_with(leader, &slow);
+    let started = Instant::now();
+    c.wait_until_value("a write through a survivor", || async {
+        match c.put(survivor, "after", &json!(2)).await {
+            Ok(r) if matches!(r.status, 200 | 201) => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    // The followers' lease alone would hold any election off for 60 s.
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(45),
+        "the first write after the restart took {took:?}"
+    );
+    let now = c.status(survivor).await.expect("status");
+    assert_eq!(now.leader_id, Some(leader), "the restarted node does not lead");
+    assert!(now.term > term, "still term {term}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_a_quorum_requests_fail_fast_with_503_and_retry_after() {
     let c = TestCluster::start_with(3, &["--request-timeout-ms=2000"]);

@@ -40,6 +40,18 @@
 //! the same longer log come after it in the same order, so they still
 //! campaign one at a time. The rule only ever shortens a wait; who may win
 //! is unchanged.
+//!
+//! A leader whose process is started again at once (a supervisor
+//! restarting it) defeats the probe: its port accepts again before the
+//! followers look, so they wait out their lease, some three election
+//! timeouts of failed writes. The restarted process does not take its old
+//! term back (a stale read hazard, see `enable_leader_restore` in the
+//! node's Raft settings) but it knows it led: its stored vote is its own
+//! committed one. It then starts an election at once, as a transfer from
+//! the leader it was ([`campaign_after_restart`]). Its followers hold
+//! their lease for that very leader, which is the one giving it up. Every
+//! other rule applies: if the cluster has moved to a newer term meanwhile,
+//! the request loses to it and disturbs no one.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -48,11 +60,18 @@ use std::time::Duration;
 use std::time::Instant;
 
 use keel_storage::NodeId;
+use keel_storage::types::KeelNode;
+use keel_storage::types::Vote;
 use openraft::ServerState;
+use openraft::network::RPCOption;
+use openraft::network::RaftNetworkFactory;
+use openraft::network::v2::RaftNetworkV2;
 use openraft::raft::TransferLeaderRequest;
 use openraft::type_config::async_runtime::watch::WatchReceiver;
 
 use crate::Raft;
+use crate::client::NetworkFactory;
+use crate::client::PeerPool;
 
 /// Heartbeat intervals without an append from the leader before its port
 /// is probed.
@@ -253,6 +272,61 @@ pub async fn watch_leader(
     }
 }
 
+/// Whether a node whose log stored `vote` led the cluster when its process
+/// stopped: a committed vote for itself.
+pub fn led_before_restart(stored: Option<&Vote>, me: NodeId) -> bool {
+    stored.is_some_and(|v| v.committed && v.leader_id.node_id == me)
+}
+
+/// Longest wait for a peer's answer to the restarted leader's transfer.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Starts an election at once on a node that led the cluster under `led`
+/// (its stored, committed vote) before its process was restarted (see the
+/// module documentation).
+///
+/// First each other voter is told, through the peer RPC openraft's own
+/// leadership transfer uses, that the leader of `led` hands its leadership
+/// to this node. A voter whose vote is still `led` drops its lease for it;
+/// any other voter ignores the message. Then this node campaigns, with a
+/// pre-vote: if a quorum would not grant it (the cluster has moved on),
+/// the term stays as it is. openraft's own transfer call does not fit here:
+/// it compares the flushed vote, still the committed one, with the vote
+/// openraft restarted the node with, which is not.
+pub async fn campaign_after_restart(raft: &Raft, pool: PeerPool, me: NodeId, led: Vote) {
+    let peers: Vec<(NodeId, KeelNode)> = {
+        let m = raft.metrics();
+        let m = m.borrow_watched();
+        let membership = m.membership_config.membership();
+        if !membership.voter_ids().any(|id| id == me) {
+            return;
+        }
+        membership
+            .voter_ids()
+            .filter(|id| *id != me)
+            .filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone())))
+            .collect()
+    };
+    tracing::info!(vote = %led, "this node led before its restart: starting an election at once");
+    let mut factory = NetworkFactory::new(pool);
+    let req = TransferLeaderRequest::new(led, me, None);
+    let mut calls = Vec::new();
+    for (id, node) in &peers {
+        let mut net = factory.new_client(*id, node).await;
+        let req = req.clone();
+        calls.push(async move {
+            let r = net.transfer_leader(req, RPCOption::new(TRANSFER_TIMEOUT)).await;
+            if let Err(e) = r {
+                tracing::info!(peer = id, error = %e, "the transfer did not reach a peer");
+            }
+        });
+    }
+    futures::future::join_all(calls).await;
+    if let Err(e) = raft.trigger().elect(true).await {
+        tracing::warn!(error = %e, "could not start the election");
+    }
+}
+
 /// Waits this survivor's turn: `rank` staggers from now, or fewer from
 /// the refusal of a lower-ranked candidate for a shorter log (see
 /// [`wait_ranks`]). False when `stop` turned true.
@@ -301,6 +375,15 @@ mod tests {
         assert_eq!(rank(1, 3, [3, 1, 2]), Some(0));
         assert_eq!(rank(5, 2, [1, 2, 3, 4, 5]), Some(3));
         assert_eq!(rank(4, 1, [1, 2, 3]), None);
+    }
+
+    #[test]
+    fn only_a_committed_vote_for_itself_means_it_led() {
+        assert!(!led_before_restart(Some(&Vote::new(4, 2)), 2), "a candidate's own vote");
+        let led = Vote::new_committed(4, 2);
+        assert!(led_before_restart(Some(&led), 2));
+        assert!(!led_before_restart(Some(&led), 3), "another node's leadership");
+        assert!(!led_before_restart(None, 2), "no vote stored");
     }
 
     #[test]
