@@ -83,8 +83,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .map_err(anyhow::Error::new)?;
     let pristine = storage.log.is_pristine()?;
-    let stored_vote = storage.log.stored_vote()?;
-    let led_before = stored_vote.filter(|v| keel_raft::failover::led_before_restart(Some(v), config.node_id));
+    let led_before =
+        (storage.log.stored_vote()?).filter(|v| keel_raft::failover::led_before_restart(v, config.node_id));
     let purged = storage.log.purged();
     let reader = storage.reader.clone();
 

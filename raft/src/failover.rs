@@ -47,11 +47,12 @@
 //! timeouts of failed writes. The restarted process does not take its old
 //! term back (a stale read hazard, see `enable_leader_restore` in the
 //! node's Raft settings) but it knows it led: its stored vote is its own
-//! committed one. It then starts an election at once, as a transfer from
-//! the leader it was ([`campaign_after_restart`]). Its followers hold
-//! their lease for that very leader, which is the one giving it up. Every
-//! other rule applies: if the cluster has moved to a newer term meanwhile,
-//! the request loses to it and disturbs no one.
+//! committed one. It tells the other voters that this leadership passes
+//! to itself, as a transfer, and campaigns at once
+//! ([`campaign_after_restart`]). The followers hold their lease for that
+//! very leader, which is the one giving it up. Every other rule applies:
+//! if the cluster has moved to a newer term meanwhile, the followers
+//! ignore the transfer and the pre-vote fails, disturbing no one.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -274,8 +275,8 @@ pub async fn watch_leader(
 
 /// Whether a node whose log stored `vote` led the cluster when its process
 /// stopped: a committed vote for itself.
-pub fn led_before_restart(stored: Option<&Vote>, me: NodeId) -> bool {
-    stored.is_some_and(|v| v.committed && v.leader_id.node_id == me)
+pub fn led_before_restart(vote: &Vote, me: NodeId) -> bool {
+    vote.committed && vote.leader_id.node_id == me
 }
 
 /// Longest wait for a peer's answer to the restarted leader's transfer.
@@ -379,11 +380,10 @@ mod tests {
 
     #[test]
     fn only_a_committed_vote_for_itself_means_it_led() {
-        assert!(!led_before_restart(Some(&Vote::new(4, 2)), 2), "a candidate's own vote");
+        assert!(!led_before_restart(&Vote::new(4, 2), 2), "a candidate's own vote");
         let led = Vote::new_committed(4, 2);
-        assert!(led_before_restart(Some(&led), 2));
-        assert!(!led_before_restart(Some(&led), 3), "another node's leadership");
-        assert!(!led_before_restart(None, 2), "no vote stored");
+        assert!(led_before_restart(&led, 2));
+        assert!(!led_before_restart(&led, 3), "another node's leadership");
     }
 
     #[test]
