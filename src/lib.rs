@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod config;
 pub mod control_api;
 pub mod dev_cluster;
+pub mod disk_check;
 pub mod error;
 pub mod expiry;
 pub mod forwarder;

@@ -81,6 +81,9 @@ enum Cmd {
     Snapshot(keel::snapshot_cli::SnapshotCmd),
     /// Load a running cluster and report throughput and latency percentiles.
     Bench(Box<keel::bench::BenchArgs>),
+    /// Time small log writes + fdatasync on a device, alone and as several
+    /// nodes sharing it would (a quorum of them).
+    DiskCheck(keel::disk_check::DiskCheckArgs),
     /// Run a local cluster on loopback with generated certificates until Ctrl-C.
     DevCluster {
         /// Number of nodes.
@@ -197,6 +200,7 @@ fn main() -> std::process::ExitCode {
             } => keel::resource_cli::watch(&client, &prefix, from_revision, max_events).await,
             Cmd::Snapshot(c) => keel::snapshot_cli::run(c).await,
             Cmd::Bench(a) => keel::bench::run(*a).await,
+            Cmd::DiskCheck(a) => keel::disk_check::run(a).await,
             Cmd::DevCluster { nodes, dir } => {
                 init_logging(false, "warn");
                 keel::dev_cluster::run(nodes, &dir).await

@@ -1,5 +1,6 @@
 //! The `keel` command as an operator meets it: configuration errors, a data
-//! directory from another cluster, and the README's `dev-cluster` command.
+//! directory from another cluster, the README's `dev-cluster` command and
+//! `disk-check`.
 
 mod common;
 
@@ -54,6 +55,37 @@ fn config_file_with_an_unknown_key_is_refused_by_name() {
     let (ok, err) = run(keel().arg("serve").arg("--config").arg(&cfg));
     assert!(!ok);
     assert!(err.contains("election_timeout"), "{err}");
+}
+
+#[test]
+fn disk_check_reports_one_writer_and_a_quorum_of_three_as_json() {
+    let td = tempfile::tempdir().unwrap();
+    let out = keel()
+        .args(["disk-check", "--count", "20", "--syncers", "3", "--json", "--dir"])
+        .arg(td.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run keel");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(r["record_bytes"], 300, "{r}");
+    assert_eq!(r["alone"]["n"], 20, "{r}");
+    assert_eq!(r["together"]["quorum"], 2, "{r}");
+    assert_eq!(r["together"]["quorum_synced"]["n"], 20, "{r}");
+    for p in ["p50_ms", "p99_ms", "max_ms"] {
+        assert!(r["alone"][p].as_f64().is_some_and(|v| v > 0.0), "alone.{p}: {r}");
+    }
+    assert_eq!(
+        std::fs::read_dir(td.path()).unwrap().count(),
+        0,
+        "probe files left behind"
+    );
+
+    let (ok, err) = run(keel().args(["disk-check", "--syncers", "0", "--dir"]).arg(td.path()));
+    assert!(!ok && err.contains("--syncers"), "{err}");
+    let (ok, err) = run(keel().args(["disk-check", "--dir"]).arg(td.path().join("missing")));
+    assert!(!ok && err.contains("missing"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
