@@ -39,6 +39,24 @@ sum_proc() {
 # Prints the CPU time (user + system, in clock ticks) the given pids used.
 cpu_ticks() { sum_proc stat '{print $14 + $15}' "$@"; }
 
+# Prints one line per thread of the given pids: "<pid> <tid> <name> <ticks>"
+# (user + system CPU time in clock ticks; the name is the thread's comm,
+# which may contain spaces, so it is read between the parentheses).
+thread_ticks() {
+    local p t line name rest
+    for p in "$@"; do
+        for t in /proc/"$p"/task/*; do
+            line=$(cat "$t/stat" 2>/dev/null) || continue
+            name=${line#*(}
+            name=${name%)*}
+            rest=${line##*) }
+            # shellcheck disable=SC2086
+            set -- $rest
+            echo "$p ${t##*/} ${name// /_} $((${12} + ${13}))"
+        done
+    done
+}
+
 # Bytes the given pids have written to storage (/proc/<pid>/io
 # write_bytes: counted when a page is dirtied, so a write that the page
 # cache has not yet sent to the disk counts as well).
