@@ -11,7 +11,9 @@
 # With PERF=1 it also records the leader with
 # `perf record --call-graph dwarf` for 3 s into the data directory's
 # perf.data (kept; its path is printed); PERF=follower records a follower
-# instead. THREADS=1 also prints the CPU per put of each kind of thread,
+# instead. ROUNDS=N measures N runs of SECONDS one after another on the
+# same cluster (does throughput hold as the data grows?), each reported on
+# its own. THREADS=1 also prints the CPU per put of each kind of thread,
 # summed over the three nodes (threads named alike, such as RocksDB's
 # background threads, together). Every process it starts is stopped
 # by pid before it exits.
@@ -44,23 +46,26 @@ fi
 
 "$keel" bench --endpoints "$endpoints" --workload put --clients "$clients" --connections "$conns" \
     --duration 3 >/dev/null
-t0=$(cpu_ticks "${pids[@]}")
-w0=$(io_write_bytes "${pids[@]}")
-[[ -n "${THREADS:-}" ]] && thread_ticks "${pids[@]}" >"$dir/threads0"
-perf_pid=""
-if [[ -n "${PERF:-}" ]]; then
-    perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$profiled_pid" -o "$dir/perf.data" \
-        -- sleep 3 >/dev/null 2>&1 &
-    perf_pid=$!
-fi
-"$keel" bench --endpoints "$endpoints" --workload put --clients "$clients" --connections "$conns" \
-    --duration "$secs" --json >"$dir/bench.json"
-t1=$(cpu_ticks "${pids[@]}")
-w1=$(io_write_bytes "${pids[@]}")
-[[ -n "${THREADS:-}" ]] && thread_ticks "${pids[@]}" >"$dir/threads1"
-[[ -n "$perf_pid" ]] && wait "$perf_pid"
 hz=$(getconf CLK_TCK)
-python3 - "$dir/bench.json" "$t0" "$t1" "$hz" "$clients" "$conns" "$w0" "$w1" <<'EOF'
+rounds=${ROUNDS:-1}
+for round in $(seq 1 "$rounds"); do
+    t0=$(cpu_ticks "${pids[@]}")
+    w0=$(io_write_bytes "${pids[@]}")
+    [[ -n "${THREADS:-}" ]] && thread_ticks "${pids[@]}" >"$dir/threads0"
+    perf_pid=""
+    if [[ -n "${PERF:-}" && "$round" == 1 ]]; then
+        perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$profiled_pid" -o "$dir/perf.data" \
+            -- sleep 3 >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
+    "$keel" bench --endpoints "$endpoints" --workload put --clients "$clients" --connections "$conns" \
+        --duration "$secs" --json >"$dir/bench.json"
+    t1=$(cpu_ticks "${pids[@]}")
+    w1=$(io_write_bytes "${pids[@]}")
+    [[ -n "${THREADS:-}" ]] && thread_ticks "${pids[@]}" >"$dir/threads1"
+    [[ -n "$perf_pid" ]] && wait "$perf_pid"
+    [[ "$rounds" -gt 1 ]] && printf 'round %s: ' "$round"
+    python3 - "$dir/bench.json" "$t0" "$t1" "$hz" "$clients" "$conns" "$w0" "$w1" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 t0, t1, hz = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -70,8 +75,8 @@ print(f"put {sys.argv[5]} clients / {sys.argv[6]} connections: {r['throughput']:
       f"p50 {r['latency_ms']['p50']:.2f} ms, {r['errors']} errors, cluster CPU {us:.0f} us per put, "
       f"{written:,.0f} bytes written to storage per put")
 EOF
-if [[ -n "${THREADS:-}" ]]; then
-    python3 - "$dir/bench.json" "$dir/threads0" "$dir/threads1" "$hz" <<'EOF'
+    if [[ -n "${THREADS:-}" ]]; then
+        python3 - "$dir/bench.json" "$dir/threads0" "$dir/threads1" "$hz" <<'EOF'
 import collections, json, sys
 ops = json.load(open(sys.argv[1]))["ops"]
 hz = int(sys.argv[4])
@@ -87,6 +92,7 @@ for name, ticks in by_name.most_common():
     if ticks:
         print(f"  {name:<20} {ticks / hz * 1e6 / ops:7.1f} us  {100 * ticks / total:5.1f} %")
 EOF
-fi
+    fi
+done
 [[ -n "${PERF:-}" ]] && echo "profile of pid $profiled_pid (leader $leader_pid): $dir/perf.data"
 exit 0
