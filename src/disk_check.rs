@@ -89,6 +89,10 @@ pub struct Together {
 /// same 10 ms).
 pub const SLOW_P99_MS: f64 = 10.0;
 
+/// The largest probe file (`--count` records of `--record-bytes`); there is
+/// one per writer.
+pub const MAX_FILE_BYTES: usize = 1 << 30;
+
 /// A majority of `n` voters.
 pub fn quorum(n: usize) -> usize {
     n / 2 + 1
@@ -142,6 +146,12 @@ fn validate(a: &DiskCheckArgs) -> anyhow::Result<()> {
     }
     if !(1..=1 << 20).contains(&a.record_bytes) {
         bail!("--record-bytes must be between 1 and 1048576, got {}", a.record_bytes);
+    }
+    if a.count * a.record_bytes > MAX_FILE_BYTES {
+        bail!(
+            "--count x --record-bytes is {} bytes, above {MAX_FILE_BYTES}: each writer writes a file of that size",
+            a.count * a.record_bytes
+        );
     }
     if !(1..=16).contains(&a.syncers) {
         bail!("--syncers must be between 1 and 16, got {}", a.syncers);
@@ -364,6 +374,8 @@ mod tests {
     #[test]
     fn bad_options_are_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").unwrap();
         let ok = DiskCheckArgs {
             dir: dir.path().into(),
             count: 3,
@@ -386,6 +398,21 @@ mod tests {
                     ..ok.clone()
                 },
                 "--syncers",
+            ),
+            (
+                DiskCheckArgs {
+                    count: 1_000_000,
+                    record_bytes: 1 << 20,
+                    ..ok.clone()
+                },
+                "--count x --record-bytes",
+            ),
+            (
+                DiskCheckArgs {
+                    dir: file.clone(),
+                    ..ok.clone()
+                },
+                "is not a directory",
             ),
             (
                 DiskCheckArgs {
