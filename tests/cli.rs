@@ -1,6 +1,6 @@
 //! The `keel` command as an operator meets it: configuration errors, a data
-//! directory from another cluster, the README's `dev-cluster` command and
-//! `disk-check`.
+//! directory from another cluster or of a newer data layout, the README's
+//! `dev-cluster` command and `disk-check`.
 
 mod common;
 
@@ -18,6 +18,28 @@ fn keel() -> Command {
 /// Runs keel to completion (bounded) and returns (success, stderr).
 fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd.stdin(Stdio::null()).output().expect("run keel");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+/// Like [`run`], for a command that should fail at start: one still
+/// running after `limit` is killed, and counts as a failure of the test.
+fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run keel");
+    let start = Instant::now();
+    while child.try_wait().expect("wait for keel").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keel still running after {limit:?}; it should have refused to start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("keel's output");
     (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
 }
 
@@ -103,6 +125,33 @@ async fn a_data_dir_of_another_cluster_is_refused() {
     assert!(!ok);
     assert!(err.contains("belongs to cluster"), "{err}");
     // The original cluster still starts from the same directory.
+    c.spawn(1);
+    c.wait_leader().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_of_a_newer_data_layout_is_refused() {
+    let c = TestCluster::start(1);
+    c.wait_leader().await;
+    assert_eq!(c.terminate(1).code(), Some(0), "clean exit on SIGTERM");
+    let p = &c.nodes[&1];
+    let set_layout = |v: u32| async move {
+        let log = keel_storage::LogStore::open(&p.data_dir().join("log"), std::sync::Arc::new(keel_storage::NoHooks))
+            .expect("open the stopped node's log");
+        log.set_data_layout(v).await.expect("record a layout");
+    };
+    // What a newer build would leave behind.
+    set_layout(keel_storage::DATA_LAYOUT + 1).await;
+    let (ok, err) = run_bounded(
+        keel().arg("serve").arg("--config").arg(&p.config).args(&c.extra_args),
+        Duration::from_secs(60),
+    );
+    assert!(!ok);
+    let newer = format!("data layout {}", keel_storage::DATA_LAYOUT + 1);
+    assert!(err.contains(&newer) && err.contains("newer keel"), "{err}");
+    // Nothing was changed by the refusal: with its layout back, the node
+    // starts and leads again.
+    set_layout(keel_storage::DATA_LAYOUT).await;
     c.spawn(1);
     c.wait_leader().await;
 }

@@ -67,6 +67,20 @@ pub enum OpenError {
         /// The configured cluster name.
         expected: String,
     },
+    /// The data directory was written in a data layout this build does not
+    /// know: by a newer keel, so this is a downgrade.
+    #[error(
+        "data directory {dir} has data layout {found}, written by a newer keel; this build reads layout \
+         {supported}. Run a build that reads layout {found}, or restore a snapshot into an empty data directory"
+    )]
+    NewerLayout {
+        /// The data directory.
+        dir: String,
+        /// The layout recorded in it.
+        found: u32,
+        /// The newest layout this build reads.
+        supported: u32,
+    },
     /// An I/O or RocksDB failure.
     #[error("opening data directory {dir}: {source}")]
     Io {
@@ -88,8 +102,16 @@ pub struct Storage {
     pub reader: StateReader,
 }
 
+/// The layout of a data directory (the log's and the state machine's column
+/// families, keys and encodings) that this build writes and reads. A change
+/// that an older build would misread raises it; a build refuses a directory
+/// with a newer layout instead of misreading it, so a downgrade fails at
+/// start with a clear error ([`OpenError::NewerLayout`]).
+pub const DATA_LAYOUT: u32 = 1;
+
 /// Opens (creating if needed, with mode 0700) the data directory of a node of
-/// cluster `cluster_name`. Refuses a directory recorded for another cluster.
+/// cluster `cluster_name`. Refuses a directory recorded for another cluster,
+/// or written in a newer data layout ([`DATA_LAYOUT`]).
 #[cfg(feature = "rocksdb")]
 pub async fn open(data_dir: &Path, cluster_name: &str, hooks: Arc<dyn StorageHooks>) -> Result<Storage, OpenError> {
     let io_err = |source| OpenError::Io {
@@ -108,6 +130,19 @@ pub async fn open(data_dir: &Path, cluster_name: &str, hooks: Arc<dyn StorageHoo
         }
         Some(_) => {}
         None => log.set_cluster_name(cluster_name).await.map_err(io_err)?,
+    }
+    match log.data_layout().map_err(io_err)? {
+        Some(found) if found > DATA_LAYOUT => {
+            return Err(OpenError::NewerLayout {
+                dir: data_dir.display().to_string(),
+                found,
+                supported: DATA_LAYOUT,
+            });
+        }
+        Some(_) => {}
+        // A new directory, or one written before the layout was recorded
+        // (layout 1).
+        None => log.set_data_layout(DATA_LAYOUT).await.map_err(io_err)?,
     }
     let state_machine = StateMachineStore::open(data_dir, cluster_name, hooks).map_err(io_err)?;
     let reader = state_machine.reader();

@@ -64,6 +64,7 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_PURGED: &[u8] = b"last_purged";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_CLUSTER: &[u8] = b"cluster_name";
+const KEY_LAYOUT: &[u8] = b"data_layout";
 
 /// The RocksDB-backed Raft log, cheap to clone (clones share one database).
 #[derive(Clone)]
@@ -330,6 +331,19 @@ impl LogStore {
     pub async fn set_cluster_name(&self, name: &str) -> io::Result<()> {
         let mut b = WriteBatch::default();
         b.put_cf(self.cf(CF_META), KEY_CLUSTER, encode(&name.to_string())?);
+        self.write_synced(b).await
+    }
+
+    /// The data layout version recorded in this directory, if any (builds
+    /// before the record existed wrote layout 1 without recording it).
+    pub fn data_layout(&self) -> io::Result<Option<u32>> {
+        self.get_meta(KEY_LAYOUT)
+    }
+
+    /// Records the data layout version durably.
+    pub async fn set_data_layout(&self, version: u32) -> io::Result<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(CF_META), KEY_LAYOUT, encode(&version)?);
         self.write_synced(b).await
     }
 
