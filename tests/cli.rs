@@ -15,15 +15,12 @@ fn keel() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keel"))
 }
 
-/// Runs keel to completion (bounded) and returns (success, stderr).
+/// Runs keel to completion and returns (success, stderr). Every command run
+/// this way is expected to finish (most should refuse to start); one still
+/// running after a minute is killed and fails the test, so a refusal that
+/// breaks cannot leave the test waiting on a node that started.
 fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.stdin(Stdio::null()).output().expect("run keel");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
-}
-
-/// Like [`run`], for a command that should fail at start: one still
-/// running after `limit` is killed, and counts as a failure of the test.
-fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {
+    const LIMIT: Duration = Duration::from_secs(60);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -32,15 +29,24 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {
         .expect("run keel");
     let start = Instant::now();
     while child.try_wait().expect("wait for keel").is_none() {
-        if start.elapsed() > limit {
+        if start.elapsed() > LIMIT {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("keel still running after {limit:?}; it should have refused to start");
+            panic!("keel still running after {LIMIT:?}; it should have finished");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = child.wait_with_output().expect("keel's output");
     (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+/// A one-node cluster that formed and was then stopped cleanly, its data
+/// directory left as a node leaves it.
+async fn one_stopped_node() -> TestCluster {
+    let c = TestCluster::start(1);
+    c.wait_leader().await;
+    assert_eq!(c.terminate(1).code(), Some(0), "clean exit on SIGTERM");
+    c
 }
 
 #[test]
@@ -112,9 +118,7 @@ fn disk_check_reports_one_writer_and_a_quorum_of_three_as_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_dir_of_another_cluster_is_refused() {
-    let c = TestCluster::start(1);
-    c.wait_leader().await;
-    assert_eq!(c.terminate(1).code(), Some(0), "clean exit on SIGTERM");
+    let c = one_stopped_node().await;
     let p = &c.nodes[&1];
     let (ok, err) = run(keel()
         .arg("serve")
@@ -131,9 +135,7 @@ async fn a_data_dir_of_another_cluster_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_dir_of_a_newer_data_layout_is_refused() {
-    let c = TestCluster::start(1);
-    c.wait_leader().await;
-    assert_eq!(c.terminate(1).code(), Some(0), "clean exit on SIGTERM");
+    let c = one_stopped_node().await;
     let p = &c.nodes[&1];
     let set_layout = |v: u32| async move {
         let log = keel_storage::LogStore::open(&p.data_dir().join("log"), std::sync::Arc::new(keel_storage::NoHooks))
@@ -142,10 +144,7 @@ async fn a_data_dir_of_a_newer_data_layout_is_refused() {
     };
     // What a newer build would leave behind.
     set_layout(keel_storage::DATA_LAYOUT + 1).await;
-    let (ok, err) = run_bounded(
-        keel().arg("serve").arg("--config").arg(&p.config).args(&c.extra_args),
-        Duration::from_secs(60),
-    );
+    let (ok, err) = run(keel().arg("serve").arg("--config").arg(&p.config).args(&c.extra_args));
     assert!(!ok);
     let newer = format!("data layout {}", keel_storage::DATA_LAYOUT + 1);
     assert!(err.contains(&newer) && err.contains("newer keel"), "{err}");
