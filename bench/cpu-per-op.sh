@@ -25,6 +25,8 @@ keel=${1:?usage: bench/cpu-per-op.sh KEEL_BINARY [CLIENTS [CONNECTIONS [SECONDS]
 clients=${2:-64}
 conns=${3:-$clients}
 secs=${4:-10}
+rounds=${ROUNDS:-1}
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a positive integer, got '$rounds'" >&2; exit 2; }
 dir=$(mktemp -d -t keel-cpu-per-op.XXXXXX)
 endpoints="http://127.0.0.1:24001,http://127.0.0.1:24002,http://127.0.0.1:24003"
 pids=()
@@ -47,7 +49,6 @@ fi
 "$keel" bench --endpoints "$endpoints" --workload put --clients "$clients" --connections "$conns" \
     --duration 3 >/dev/null
 hz=$(getconf CLK_TCK)
-rounds=${ROUNDS:-1}
 for round in $(seq 1 "$rounds"); do
     t0=$(cpu_ticks "${pids[@]}")
     w0=$(io_write_bytes "${pids[@]}")
