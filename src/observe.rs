@@ -23,6 +23,7 @@ use keel_raft::TypeConfig;
 use openraft::Instant as _;
 use openraft::ServerState;
 use openraft::type_config::async_runtime::watch::WatchReceiver;
+use prometheus_client::metrics::gauge::Gauge;
 use tracing::Instrument;
 
 use crate::cluster::Cluster;
@@ -248,8 +249,59 @@ struct Sampler {
     leadership: Option<(u64, u64)>,
     membership: Option<Option<keel_storage::types::LogId>>,
     snapshot: Option<u64>,
-    peers: Vec<u64>,
     clock: EntryClock,
+    /// The `raft_role` series, one per role, looked up once.
+    roles: Vec<(&'static str, Gauge)>,
+    /// Each replicated peer's series, looked up when the peer first appears
+    /// and removed with it: a sample then only stores numbers.
+    peers: BTreeMap<u64, PeerGauges>,
+}
+
+/// One peer's replication series (handles share the registered values).
+struct PeerGauges {
+    label: PeerLabel,
+    lag_entries: Gauge,
+    lag_seconds: metrics::FGauge,
+    /// Absent while openraft reports no acknowledgement from the peer.
+    ack_age: Option<metrics::FGauge>,
+}
+
+impl PeerGauges {
+    fn new(peer: u64) -> Self {
+        let g = metrics::get();
+        let label = PeerLabel { peer: peer.to_string() };
+        Self {
+            lag_entries: g.raft_replication_lag_entries.get_or_create(&label).clone(),
+            lag_seconds: g.raft_replication_lag_seconds.get_or_create(&label).clone(),
+            ack_age: None,
+            label,
+        }
+    }
+
+    /// Sets the age of the peer's last acknowledgement, or removes the series.
+    fn set_ack_age(&mut self, age: Option<f64>) {
+        let family = &metrics::get().raft_peer_last_ack_age;
+        match age {
+            Some(a) => {
+                self.ack_age
+                    .get_or_insert_with(|| family.get_or_create(&self.label).clone())
+                    .set(a);
+            }
+            None => {
+                if self.ack_age.take().is_some() {
+                    family.remove(&self.label);
+                }
+            }
+        }
+    }
+
+    /// Removes every series of the peer.
+    fn remove(self) {
+        let g = metrics::get();
+        g.raft_replication_lag_entries.remove(&self.label);
+        g.raft_replication_lag_seconds.remove(&self.label);
+        g.raft_peer_last_ack_age.remove(&self.label);
+    }
 }
 
 impl Sampler {
@@ -266,17 +318,20 @@ impl Sampler {
     /// Applies one metrics snapshot to the gauges and logs what changed.
     fn on_metrics(&mut self, me: u64, m: &RaftMetrics, now: Instant) {
         let g = metrics::get();
-        for role in metrics::ROLES {
-            g.raft_role
-                .get_or_create(&RoleLabel { role })
-                .set(i64::from(role_name(m.state) == *role));
+        if self.roles.is_empty() {
+            self.roles = metrics::ROLES
+                .iter()
+                .map(|&role| (role, g.raft_role.get_or_create(&RoleLabel { role }).clone()))
+                .collect();
+        }
+        let current = role_name(m.state);
+        for (role, gauge) in &self.roles {
+            gauge.set(i64::from(current == *role));
         }
         set_indexes(m);
         let membership = m.membership_config.membership();
-        let voters: Vec<u64> = membership.voter_ids().collect();
-        let learners: Vec<u64> = membership.learner_ids().collect();
-        g.raft_voters.set(voters.len() as i64);
-        g.raft_learners.set(learners.len() as i64);
+        g.raft_voters.set(membership.voter_ids().count() as i64);
+        g.raft_learners.set(membership.learner_ids().count() as i64);
 
         if self.role != Some(m.state) {
             tracing::info!(
@@ -303,6 +358,8 @@ impl Sampler {
         }
         let mem = *m.membership_config.log_id();
         if self.membership.as_ref() != Some(&mem) {
+            let voters: Vec<u64> = membership.voter_ids().collect();
+            let learners: Vec<u64> = membership.learner_ids().collect();
             tracing::info!(
                 term = m.current_term,
                 leader = m.current_leader.unwrap_or(0),
@@ -335,26 +392,15 @@ impl Sampler {
             let mut min_matched: Option<u64> = last;
             for (peer, matched) in repl.iter().filter(|(id, _)| **id != me) {
                 let mi = matched.as_ref().map(|l| l.index);
-                let label = PeerLabel { peer: peer.to_string() };
-                g.raft_replication_lag_entries
-                    .get_or_create(&label)
-                    .set(count(last).saturating_sub(count(mi)) as i64);
-                g.raft_replication_lag_seconds
-                    .get_or_create(&label)
-                    .set(self.clock.lag(mi, now).as_secs_f64());
+                let gauges = self.peers.entry(*peer).or_insert_with(|| PeerGauges::new(*peer));
+                gauges.lag_entries.set(count(last).saturating_sub(count(mi)) as i64);
+                gauges.lag_seconds.set(self.clock.lag(mi, now).as_secs_f64());
                 let ack = m
                     .heartbeat
                     .as_ref()
                     .and_then(|h| h.get(peer).cloned().flatten())
                     .map(|t| t.elapsed().as_secs_f64());
-                match ack {
-                    Some(a) => {
-                        g.raft_peer_last_ack_age.get_or_create(&label).set(a);
-                    }
-                    None => {
-                        g.raft_peer_last_ack_age.remove(&label);
-                    }
-                }
+                gauges.set_ack_age(ack);
                 min_matched = match (min_matched, mi) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     _ => None,
@@ -367,13 +413,12 @@ impl Sampler {
         } else {
             self.clock.reset();
         }
-        for gone in self.peers.iter().filter(|p| !seen.contains(p)) {
-            let label = PeerLabel { peer: gone.to_string() };
-            g.raft_replication_lag_entries.remove(&label);
-            g.raft_replication_lag_seconds.remove(&label);
-            g.raft_peer_last_ack_age.remove(&label);
+        let gone: Vec<u64> = self.peers.keys().filter(|p| !seen.contains(p)).copied().collect();
+        for peer in gone {
+            if let Some(gauges) = self.peers.remove(&peer) {
+                gauges.remove();
+            }
         }
-        self.peers = seen;
     }
 }
 
@@ -431,14 +476,15 @@ async fn run(cluster: Cluster) {
                 deferred = true;
                 continue;
             }
+            deferred = false;
+            sampled = Some(now);
+            sampler.on_metrics(me, &current, now);
+            if !timer {
+                continue;
+            }
+            // Only the readiness check below, which awaits, needs a copy.
             current.clone()
         };
-        deferred = false;
-        sampled = Some(now);
-        sampler.on_metrics(me, &m, now);
-        if !timer {
-            continue;
-        }
         let g = metrics::get();
         let r = readiness_of(&cluster, &m).await;
         g.raft_leader_contact_age
@@ -537,6 +583,61 @@ mod tests {
         s.on_metrics(1, &m, Instant::now());
         m.snapshot = m.last_applied;
         assert!(s.news(&m), "a new snapshot");
+    }
+
+    #[test]
+    fn peer_series_follow_the_replicated_peers() {
+        // Peer ids no other test uses: the registry is shared.
+        let series = |peer: u64| {
+            let text = metrics::get().encode();
+            let lag = format!("raft_replication_lag_entries{{peer=\"{peer}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(lag.as_str()).map(|v| v.to_string()))
+        };
+        let log_id = |index| {
+            keel_storage::types::LogId::new(openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 }, index)
+        };
+        let mut s = Sampler::default();
+        let mut m = RaftMetrics::new_initial(71);
+        m.state = ServerState::Leader;
+        m.current_term = 1;
+        m.current_leader = Some(71);
+        m.last_log_index = Some(9);
+        m.replication = Some(
+            [(71, Some(log_id(9))), (72, Some(log_id(5))), (73, None)]
+                .into_iter()
+                .collect(),
+        );
+        s.on_metrics(71, &m, Instant::now());
+        assert_eq!(series(72).as_deref(), Some("4"), "10 entries, 6 matched");
+        assert_eq!(series(73).as_deref(), Some("10"));
+        assert_eq!(series(71), None, "no series for the leader itself");
+
+        // The next sample stores into the same series.
+        m.replication = Some(
+            [(71, Some(log_id(9))), (72, Some(log_id(9))), (73, Some(log_id(1)))]
+                .into_iter()
+                .collect(),
+        );
+        s.on_metrics(71, &m, Instant::now());
+        assert_eq!(series(72).as_deref(), Some("0"));
+        assert_eq!(series(73).as_deref(), Some("8"));
+
+        // A peer that leaves loses its series; leadership lost, all go.
+        m.replication = Some([(71, Some(log_id(9))), (72, Some(log_id(9)))].into_iter().collect());
+        s.on_metrics(71, &m, Instant::now());
+        assert_eq!(series(73), None);
+        assert!(series(72).is_some());
+        m.state = ServerState::Follower;
+        m.replication = None;
+        s.on_metrics(71, &m, Instant::now());
+        assert_eq!(series(72), None);
+
+        // Leader again: the series come back and are live.
+        m.state = ServerState::Leader;
+        m.replication = Some([(71, Some(log_id(9))), (72, Some(log_id(7)))].into_iter().collect());
+        s.on_metrics(71, &m, Instant::now());
+        assert_eq!(series(72).as_deref(), Some("2"));
     }
 
     #[test]
