@@ -296,7 +296,7 @@ impl PeerGauges {
     }
 
     /// Removes every series of the peer.
-    fn remove(self) {
+    fn remove(&self) {
         let g = metrics::get();
         g.raft_replication_lag_entries.remove(&self.label);
         g.raft_replication_lag_seconds.remove(&self.label);
@@ -413,12 +413,13 @@ impl Sampler {
         } else {
             self.clock.reset();
         }
-        let gone: Vec<u64> = self.peers.keys().filter(|p| !seen.contains(p)).copied().collect();
-        for peer in gone {
-            if let Some(gauges) = self.peers.remove(&peer) {
+        self.peers.retain(|peer, gauges| {
+            let replicated = seen.contains(peer);
+            if !replicated {
                 gauges.remove();
             }
-        }
+            replicated
+        });
     }
 }
 
